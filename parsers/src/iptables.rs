@@ -251,9 +251,11 @@ impl IptablesParser {
                         }
                         "MAC" => {
                             out.push("iptables.mac", value);
-                            if value.len() >= 35 && value.as_bytes()[17] == b':' {
-                                out.push("destination.mac", &value[..17]);
-                                out.push("source.mac", &value[18..35]);
+                            if let (Some(dst), Some(src)) = (value.get(..17), value.get(18..35)) {
+                                if value.as_bytes()[17] == b':' {
+                                    out.push("destination.mac", dst);
+                                    out.push("source.mac", src);
+                                }
                             }
                         }
                         _ => match static_key(key, icmp) {
@@ -337,5 +339,7 @@ mod tests {
     fn flags_not_contiguous() {
         let f = parse("IN=eth0 OUT= ACK URGP=0 FIN").unwrap();
         assert_eq!(f.get("iptables.tcp.flags"), Some("ACK FIN"));
+        let f = parse("IN=eth0 MAC=00:00:00:00:00:00:00:00:00:00:00:0\u{e9}").unwrap();
+        assert_eq!(f.get("source.mac"), None);
     }
 }

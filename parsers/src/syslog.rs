@@ -105,7 +105,9 @@ fn bsd_timestamp_len(b: &[u8]) -> Option<usize> {
         && b[9] == b':'
         && b[12] == b':'
         && (b[4] == b' ' || b[4].is_ascii_digit())
-        && b[5].is_ascii_digit()
+        && [5, 7, 8, 10, 11, 13, 14]
+            .iter()
+            .all(|&k| b[k].is_ascii_digit())
     {
         let mut n = 15;
         if b.get(15) == Some(&b'.') {
@@ -386,5 +388,8 @@ mod tests {
             "expected a timestamp at byte 0 (syslog header)"
         );
         assert_eq!(parse("").unwrap_err().kind, ParseErrorKind::Empty);
+        // multi-byte characters where digits are expected must not panic
+        assert!(parse("Oct 11 22:14:1\u{e9} host x: y").is_err());
+        assert!(parse("2024-01-02T03:04:0\u{e9} host x: y").is_ok());
     }
 }
