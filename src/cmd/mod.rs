@@ -1,0 +1,254 @@
+//! One function per subcommand: thin layers over the pipeline, the store and the
+//! dead-letter file.
+
+mod dlq;
+mod inspect;
+
+pub use dlq::{dlq_replay, dlq_show, dlq_stats};
+pub use inspect::{checkpoints, parse, state_recover, validate};
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use redtail_state::{CheckpointStore, StateError};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::pipeline::{self, Control, Mode};
+use crate::stats::STATS;
+
+/// Logs go to stderr; `RUST_LOG` wins over `agent.log_level`.
+pub fn init_tracing(level: Option<&str>) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| level.map(str::to_string))
+        .unwrap_or_else(|| "info".to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Opens the checkpoint store, turning sled's failures into instructions.
+pub fn open_store(cfg: &Config) -> anyhow::Result<CheckpointStore> {
+    match CheckpointStore::open(&cfg.agent.state_dir) {
+        Ok(s) => Ok(s),
+        Err(e @ StateError::Locked { .. }) => Err(anyhow::anyhow!(
+            "{e}\n  Another redtail process is using agent.state_dir = {}. Stop it first (`systemctl stop redtail`), or give this run its own state_dir.",
+            cfg.agent.state_dir.display()
+        )),
+        Err(e @ StateError::Corrupt { .. }) => Err(anyhow::anyhow!(
+            "{e}\n  The checkpoint store cannot be read. Nothing was changed. To recover:\n    redtail state recover -c {} --from-snapshot   # rebuild from the last exported checkpoints.json\n    redtail state recover -c {}                   # start with no checkpoints\n  Either way the Redis-side high-water marks stop lines already in Redis from being published twice (docs/checkpoints.md).",
+            cfg.path.display(),
+            cfg.path.display()
+        )),
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "opening the checkpoint store in {}",
+            cfg.agent.state_dir.display()
+        ))),
+    }
+}
+
+fn log_stats(prefix: &str) {
+    let s: Vec<String> = STATS
+        .snapshot()
+        .into_iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    info!("{prefix}: {}", s.join(" "));
+}
+
+/// `redtail run`.
+pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(path)?;
+    init_tracing(cfg.agent.log_level.as_deref());
+    for w in cfg.warnings() {
+        warn!("{w}");
+    }
+    let store = Arc::new(open_store(&cfg)?);
+    info!(
+        config = %path.display(),
+        sources = cfg.sources.len(),
+        redis = %redact(&cfg.redis.url),
+        state_dir = %cfg.agent.state_dir.display(),
+        "redtail {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    let timeout = cfg.agent.shutdown_timeout;
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel::<Control>();
+    // Signals: the first stops reading (drain, publish, commit); after shutdown_timeout, or
+    // at a second signal, publishing is abandoned — unpublished lines are simply not
+    // checkpointed, so the next start reads them again.
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let Ok(mut ctl) = ctl_rx.recv() else { return };
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!(error = %e, "cannot start the signal handler");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) =
+                    (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+                else {
+                    error!("cannot install signal handlers");
+                    return;
+                };
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                info!(timeout = ?timeout, "stopping: publishing what was read, then committing");
+                ctl.stop_reading.take();
+                tokio::select! {
+                    _ = term.recv() => warn!("second signal: stopping now"),
+                    _ = int.recv() => warn!("second signal: stopping now"),
+                    _ = tokio::time::sleep(timeout) => warn!("agent.shutdown_timeout reached: stopping with lines unpublished (they are not checkpointed and will be read again)"),
+                    _ = ctl.abort.closed() => return,
+                }
+                let _ = ctl.abort.send(true);
+            });
+        })?;
+    let stats_every = Duration::from_secs(60);
+    std::thread::Builder::new()
+        .name("stats".into())
+        .spawn(move || loop {
+            std::thread::sleep(stats_every);
+            log_stats("counters");
+        })?;
+    let summary = pipeline::run(
+        &cfg,
+        Mode::Follow,
+        None,
+        store.clone(),
+        |c| {
+            let _ = ctl_tx.send(c);
+        },
+        None,
+    )?;
+    store.flush().context("final checkpoint flush")?;
+    store.export_snapshot().context("final snapshot export")?;
+    log_stats("stopped");
+    if summary.aborted {
+        warn!("stopped before everything read was published; the rest is read again at the next start");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `redtail backfill`.
+pub fn backfill(path: &Path, source: Option<&str>, no_progress: bool) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(path)?;
+    init_tracing(Some(cfg.agent.log_level.as_deref().unwrap_or("warn")));
+    if let Some(s) = source {
+        cfg.source(s)?;
+    }
+    let store = Arc::new(open_store(&cfg)?);
+    let pb = if !no_progress && std::io::stderr().is_terminal() {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(pb)
+    } else {
+        None
+    };
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel::<Control>();
+    std::thread::spawn(move || {
+        // Ctrl-C during a backfill: stop reading, publish and commit what was read.
+        let Ok(mut ctl) = ctl_rx.recv() else { return };
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) =
+                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}, _ = int.recv() => {},
+                _ = ctl.abort.closed() => return,
+            }
+            ctl.stop_reading.take();
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {}, _ = ctl.abort.closed() => return }
+            let _ = ctl.abort.send(true);
+        });
+    });
+    let summary = pipeline::run(
+        &cfg,
+        Mode::Backfill,
+        source,
+        store.clone(),
+        |c| {
+            let _ = ctl_tx.send(c);
+        },
+        pb.clone(),
+    )?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    store.flush()?;
+    store.export_snapshot()?;
+    let secs = summary.seconds.max(1e-9);
+    let get = |c: &std::sync::atomic::AtomicU64| crate::stats::get(c);
+    println!(
+        "backfill: {} files, {} lines, {} bytes in {:.2} s: {:.0} lines/s, {:.1} MB/s",
+        summary.files,
+        summary.lines,
+        summary.bytes,
+        secs,
+        summary.lines as f64 / secs,
+        summary.bytes as f64 / secs / 1e6
+    );
+    println!(
+        "  published {} entries ({} already in Redis), dead-lettered {}, dropped by filter {}",
+        get(&STATS.entries_published),
+        get(&STATS.entries_skipped),
+        get(&STATS.dead_lettered),
+        get(&STATS.dropped_by_filter)
+    );
+    if summary.held_back_bytes > 0 {
+        println!(
+            "  held back {} bytes in {} file(s): last lines without a newline yet (published once complete)",
+            summary.held_back_bytes, summary.held_back_files
+        );
+    }
+    if get(&STATS.lost_bytes) > 0 {
+        println!("  LOST {} bytes (see the log)", get(&STATS.lost_bytes));
+    }
+    if summary.aborted {
+        println!("  interrupted: the rest is published by the next run");
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A Redis URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
