@@ -353,17 +353,21 @@ impl CheckpointStore {
         let db_path = state_dir.join(STORE_DIR_NAME);
         let existed = store_files_exist(&db_path);
         if !existed && !fresh_ok {
-            if let Ok(Some(snap)) = read_snapshot(state_dir) {
-                if !snap.checkpoints.is_empty() {
-                    return Err(StateError::Corrupt {
-                        path: db_path,
-                        detail: format!(
-                            "the store is missing but {} holds {} checkpoints",
-                            SNAPSHOT_FILE_NAME,
-                            snap.checkpoints.len()
-                        ),
-                    });
-                }
+            let detail = match read_snapshot(state_dir) {
+                Ok(Some(snap)) if !snap.checkpoints.is_empty() => Some(format!(
+                    "the store is missing but {SNAPSHOT_FILE_NAME} holds {} checkpoints",
+                    snap.checkpoints.len()
+                )),
+                Ok(_) => None,
+                Err(e) => Some(format!(
+                    "the store is missing and {SNAPSHOT_FILE_NAME} exists but is unreadable ({e})"
+                )),
+            };
+            if let Some(detail) = detail {
+                return Err(StateError::Corrupt {
+                    path: db_path,
+                    detail,
+                });
             }
         }
         let config = sled::Config::new()
@@ -592,8 +596,10 @@ pub fn read_snapshot(state_dir: &Path) -> Result<Option<Snapshot>, StateError> {
 /// store, seeds it from the snapshot when `seed_from_snapshot` is true and a
 /// snapshot exists (flushing it), and returns the store, the path the old store
 /// was moved to, and the number of checkpoints seeded. Refuses with
-/// [`StateError::Locked`] while another process has the store open. If there
-/// is no store to move aside, the returned path is where it would have gone.
+/// [`StateError::Locked`] while another process has the store open, and
+/// with [`StateError::Snapshot`] (before touching anything) when seeding was
+/// asked for and the snapshot is unreadable. If there is no store to move
+/// aside, the returned path is where it would have gone.
 pub fn recover(
     state_dir: &Path,
     seed_from_snapshot: bool,

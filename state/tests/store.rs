@@ -291,6 +291,17 @@ fn missing_store_next_to_a_nonempty_snapshot_is_not_silently_restarted() {
     assert!(matches!(err, StateError::Corrupt { .. }), "{err:?}");
     assert!(err.to_string().contains("redtail state recover"), "{err}");
     assert!(!dir.path().join("checkpoints.sled").join("conf").exists());
+    // Same when the snapshot next to the missing store is unreadable.
+    std::fs::write(dir.path().join("checkpoints.json"), b"{\"vers").unwrap();
+    let err = CheckpointStore::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StateError::Corrupt { .. }), "{err:?}");
+    // A first run (no store, no snapshot) creates the store.
+    std::fs::remove_file(dir.path().join("checkpoints.json")).unwrap();
+    assert!(CheckpointStore::open(dir.path())
+        .unwrap()
+        .all()
+        .unwrap()
+        .is_empty());
 }
 
 /// sled is log-structured; rewriting the same keys must not grow the store
