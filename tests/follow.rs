@@ -1,0 +1,330 @@
+//! `redtail run`: following files through appends, partial lines, rotations, truncation,
+//! deletion, symlinks, late directories and restarts. Each test has its own redis-server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Agent with one raw source `app` over `glob` (a path inside `logs`).
+fn agent_for(redis: &RedisServer, logs: &LogDir, glob: &str) -> (Agent, String) {
+    let src = SourceCfg::new("app", &[&logs.path(glob)]).parser("raw");
+    let stream = src.stream();
+    (Agent::new(&redis.url()).source(src), stream)
+}
+
+fn wait_messages(redis: &RedisServer, stream: &str, n: usize) {
+    wait_until(&format!("{n} entries in {stream}"), || redis.xlen(stream) >= n);
+}
+
+fn owned(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn append_while_running() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["one", "two"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "*.log");
+    agent.run();
+    wait_messages(&redis, &stream, 2);
+    logs.append("app.log", &["three"]);
+    logs.append("app.log", &["four", "five"]);
+    wait_messages(&redis, &stream, 5);
+    assert!(agent.stop().success(), "exit status; stderr:\n{}", agent.stderr());
+    let entries = redis.xrange(&stream);
+    let msgs: Vec<&str> = entries.iter().map(|e| e.message()).collect();
+    assert_eq!(msgs, ["one", "two", "three", "four", "five"]);
+    // Metadata fields.
+    let p = logs.path("app.log");
+    let offsets: Vec<u64> = entries.iter().map(|e| e.offset()).collect();
+    assert_eq!(offsets, [0, 4, 8, 14, 19]);
+    for e in &entries {
+        assert_eq!(e.path(), p.to_str().unwrap());
+        assert_eq!(e.get("host.name"), Some("testhost"));
+        assert!(e.get("log.record.uid").is_some_and(|u| !u.is_empty()), "{e:?}");
+    }
+}
+
+#[test]
+fn partial_line_is_held_until_complete() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["first"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "*.log");
+    agent.run();
+    wait_messages(&redis, &stream, 1);
+    logs.append_partial("app.log", "hal");
+    // A following complete line in another file proves the agent kept reading meanwhile.
+    logs.append("other.log", &["marker"]);
+    wait_messages(&redis, &stream, 2);
+    // Let several poll rounds pass with the half line on disk.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(redis.messages_from(&stream, &logs.path("app.log")), ["first"]);
+    logs.append("app.log", &["ves"]);
+    logs.append("app.log", &["after"]);
+    wait_messages(&redis, &stream, 4);
+    assert!(agent.stop().success());
+    assert_eq!(
+        redis.messages_from(&stream, &logs.path("app.log")),
+        ["first", "halves", "after"]
+    );
+    assert_eq!(redis.xlen(&stream), 4);
+}
+
+#[test]
+fn crlf_is_stripped() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append_bytes("app.log", b"dos\r\nunix\n");
+    let (mut agent, stream) = agent_for(&redis, &logs, "*.log");
+    agent.run();
+    wait_messages(&redis, &stream, 2);
+    assert!(agent.stop().success());
+    assert_eq!(redis.xrange_messages(&stream), ["dos", "unix"]);
+}
+
+#[test]
+fn rename_rotation_while_running() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["a1", "a2"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "app.log*");
+    agent.run();
+    wait_messages(&redis, &stream, 2);
+    // logrotate "create": rename, the writer still appends to the old inode, then a new file.
+    logs.rename("app.log", "app.log.1");
+    logs.append("app.log.1", &["a3", "a4"]);
+    logs.append("app.log", &["b1", "b2"]);
+    logs.append("app.log", &["b3"]);
+    wait_messages(&redis, &stream, 7);
+    assert!(agent.stop().success());
+    let all = redis.xrange(&stream);
+    let mut old: Vec<&str> = Vec::new();
+    let mut new: Vec<&str> = Vec::new();
+    for e in &all {
+        if e.message().starts_with('a') {
+            old.push(e.message());
+        } else {
+            new.push(e.message());
+        }
+    }
+    assert_eq!(old, ["a1", "a2", "a3", "a4"], "all: {all:#?}");
+    assert_eq!(new, ["b1", "b2", "b3"], "all: {all:#?}");
+    assert_eq!(all.len(), 7);
+}
+
+#[test]
+fn copytruncate_bumps_generation() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["before-1", "before-2", "before-3"]);
+    // Only app.log: the copy must not be read.
+    let (mut agent, stream) = agent_for(&redis, &logs, "app.log");
+    agent.run();
+    wait_messages(&redis, &stream, 3);
+    let p = logs.path("app.log");
+    agent.wait_checkpoint(&p, 27);
+    let gen0 = agent.checkpoint_of(&p)["generation"].as_u64().unwrap();
+    logs.copytruncate("app.log", "app.log.1");
+    logs.append("app.log", &["after"]);
+    wait_messages(&redis, &stream, 4);
+    assert!(agent.stop().success());
+    assert_eq!(
+        redis.xrange_messages(&stream),
+        ["before-1", "before-2", "before-3", "after"]
+    );
+    let cp = agent.checkpoint_of(&p);
+    assert_eq!(cp["generation"].as_u64().unwrap(), gen0 + 1, "{cp:#}");
+    assert_eq!(cp["offset"], 6, "{cp:#}");
+}
+
+#[test]
+fn plain_truncate_then_rewrite() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["long line number one", "long line number two"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "app.log");
+    agent.run();
+    wait_messages(&redis, &stream, 2);
+    logs.truncate("app.log");
+    logs.append("app.log", &["short"]);
+    wait_messages(&redis, &stream, 3);
+    logs.append("app.log", &["short2"]);
+    wait_messages(&redis, &stream, 4);
+    assert!(agent.stop().success());
+    assert_eq!(
+        redis.xrange_messages(&stream),
+        ["long line number one", "long line number two", "short", "short2"]
+    );
+}
+
+#[test]
+fn delete_and_recreate() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["old-1", "old-2"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "*.log");
+    agent.run();
+    wait_messages(&redis, &stream, 2);
+    logs.remove("app.log");
+    logs.append("app.log", &["new-1"]);
+    logs.append("app.log", &["new-2"]);
+    wait_messages(&redis, &stream, 4);
+    assert!(agent.stop().success());
+    assert_eq!(
+        redis.xrange_messages(&stream),
+        ["old-1", "old-2", "new-1", "new-2"]
+    );
+}
+
+#[test]
+fn lines_written_just_before_delete_are_published() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["x1"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "*.log");
+    agent.run();
+    wait_messages(&redis, &stream, 1);
+    logs.append("app.log", &["x2", "x3"]);
+    logs.remove("app.log");
+    wait_messages(&redis, &stream, 3);
+    assert!(agent.stop().success());
+    assert_eq!(redis.xrange_messages(&stream), ["x1", "x2", "x3"]);
+}
+
+#[test]
+fn symlink_followed_and_repointed() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    let real = logs.mkdir("real");
+    logs.append("real/a.txt", &["a1"]);
+    logs.symlink(&real.join("a.txt"), "current.log");
+    let (mut agent, stream) = agent_for(&redis, &logs, "current.log");
+    agent.run();
+    wait_messages(&redis, &stream, 1);
+    logs.append("real/a.txt", &["a2"]);
+    wait_messages(&redis, &stream, 2);
+    // Re-point like a rotation: a's tail is drained, b is read from 0.
+    logs.append("real/b.txt", &["b1", "b2"]);
+    logs.symlink(&real.join("b.txt"), "current.log");
+    logs.append("real/a.txt", &["a3"]);
+    wait_messages(&redis, &stream, 5);
+    logs.append("real/b.txt", &["b3"]);
+    wait_messages(&redis, &stream, 6);
+    assert!(agent.stop().success());
+    let msgs = redis.xrange_messages(&stream);
+    let a: Vec<&str> = msgs.iter().map(String::as_str).filter(|m| m.starts_with('a')).collect();
+    let b: Vec<&str> = msgs.iter().map(String::as_str).filter(|m| m.starts_with('b')).collect();
+    assert_eq!(a, ["a1", "a2", "a3"], "{msgs:?}");
+    assert_eq!(b, ["b1", "b2", "b3"], "{msgs:?}");
+    assert_eq!(msgs.len(), 6, "{msgs:?}");
+}
+
+#[test]
+fn directory_created_after_start() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    let src = SourceCfg::new("app", &[&logs.path("*/app.log")]).parser("raw");
+    let stream = src.stream();
+    let mut agent = Agent::new(&redis.url()).source(src);
+    agent.run();
+    wait_until("the agent to start", || agent.stderr().contains("starting"));
+    // Let a few discovery rounds pass without the directory.
+    std::thread::sleep(Duration::from_millis(300));
+    logs.mkdir("late");
+    logs.append("late/app.log", &["late-1", "late-2"]);
+    wait_messages(&redis, &stream, 2);
+    logs.append("late/app.log", &["late-3"]);
+    wait_messages(&redis, &stream, 3);
+    assert!(agent.stop().success());
+    assert_eq!(redis.xrange_messages(&stream), ["late-1", "late-2", "late-3"]);
+}
+
+#[test]
+fn start_at_end_skips_existing_content() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["old-1", "old-2"]);
+    let src = SourceCfg::new("app", &[&logs.path("*.log")])
+        .parser("raw")
+        .kv("start_at", "\"end\"");
+    let stream = src.stream();
+    let mut agent = Agent::new(&redis.url()).source(src);
+    agent.run();
+    let p = logs.path("app.log");
+    // The agent must have opened the file (at its end) before we append. No checkpoint is
+    // written before something is published, so the only observable is its log line.
+    let opened = format!("following file source=app path={} offset=12", p.display());
+    wait_until("the agent following app.log at offset 12", || agent.stderr().contains(&opened));
+    logs.append("app.log", &["new-1"]);
+    // A file appearing later is read from 0 even with start_at = end.
+    logs.append("later.log", &["later-1"]);
+    wait_messages(&redis, &stream, 2);
+    assert!(agent.stop().success());
+    assert_eq!(redis.messages_from(&stream, &p), ["new-1"]);
+    assert_eq!(redis.messages_from(&stream, &logs.path("later.log")), ["later-1"]);
+    assert_eq!(redis.xlen(&stream), 2);
+}
+
+#[test]
+fn restart_resumes_without_duplicates_or_loss() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    let first = numbered("first", 0..50);
+    logs.append("app.log", &strs(&first));
+    let (mut agent, stream) = agent_for(&redis, &logs, "*.log");
+    agent.run();
+    wait_messages(&redis, &stream, 50);
+    assert!(agent.stop().success(), "stderr:\n{}", agent.stderr());
+    // Written while the agent is down.
+    let second = numbered("second", 0..30);
+    logs.append("app.log", &strs(&second));
+    agent.run();
+    wait_messages(&redis, &stream, 80);
+    let third = numbered("third", 0..20);
+    logs.append("app.log", &strs(&third));
+    wait_messages(&redis, &stream, 100);
+    assert!(agent.stop().success());
+    let mut expected = first.clone();
+    expected.extend(second);
+    expected.extend(third);
+    assert_eq!(redis.xrange_messages(&stream), expected);
+}
+
+#[test]
+fn rotation_while_stopped_is_drained_on_restart() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["r1", "r2"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "app.log");
+    agent.run();
+    wait_messages(&redis, &stream, 2);
+    assert!(agent.stop().success());
+    logs.append("app.log", &["r3", "r4"]);
+    logs.rename("app.log", "app.log.1");
+    logs.append("app.log", &["n1", "n2"]);
+    agent.run();
+    wait_messages(&redis, &stream, 6);
+    logs.append("app.log", &["n3"]);
+    wait_messages(&redis, &stream, 7);
+    assert!(agent.stop().success());
+    let msgs = redis.xrange_messages(&stream);
+    assert_eq!(msgs, owned(&["r1", "r2", "r3", "r4", "n1", "n2", "n3"]));
+}
+
+#[test]
+fn partial_line_timeout_releases_unterminated_line() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    let (agent, stream) = agent_for(&redis, &logs, "*.log");
+    let mut agent = agent.agent_kv("partial_line_timeout", "\"300ms\"");
+    logs.append("app.log", &["complete"]);
+    logs.append_partial("app.log", "no newline");
+    agent.run();
+    wait_messages(&redis, &stream, 2);
+    assert!(agent.stop().success());
+    assert_eq!(redis.xrange_messages(&stream), ["complete", "no newline"]);
+}
