@@ -171,12 +171,10 @@ impl Worker {
             file: batch.file.clone(),
             start: batch.start,
             end: batch.end,
-            expect_mark: batch.expect_mark,
             cmd,
             entries,
             wire_bytes: wire + 64,
             dead,
-            dropped,
             read_bytes: batch.end - batch.start,
             lines: batch.spans.len() as u32,
         }
@@ -403,7 +401,6 @@ pub struct Summary {
     pub files: usize,
     pub lines: u64,
     pub bytes: u64,
-    pub entries: u64,
     pub seconds: f64,
     pub held_back_bytes: u64,
     pub held_back_files: usize,
@@ -498,16 +495,14 @@ pub fn run(
             .name("committer".into())
             .spawn(move || {
                 let mut lines = 0u64;
-                let mut entries = 0u64;
                 committer(st, ack_rx, interval, names, retention, |a| {
                     let _ = credits.try_recv();
                     lines += a.lines as u64;
-                    entries += a.entries as u64;
                     if let Some(pb) = &pb {
                         pb.inc(a.read_bytes);
                     }
                 });
-                (lines, entries)
+                lines
             })?;
 
     // Follower.
@@ -557,7 +552,7 @@ pub fn run(
     for h in worker_handles {
         let _ = h.join();
     }
-    let (lines, entries) = committer_handle
+    let lines = committer_handle
         .join()
         .map_err(|_| anyhow::anyhow!("committer thread panicked"))?;
     result?;
@@ -565,7 +560,6 @@ pub fn run(
         files,
         lines,
         bytes: crate::stats::get(&STATS.bytes_read),
-        entries,
         seconds: started.elapsed().as_secs_f64(),
         held_back_bytes: held_bytes,
         held_back_files: held_files,

@@ -5,9 +5,9 @@
 //! Batches are pipelined: every batch ready when the previous pipeline was acknowledged
 //! goes out in the next one, so batches grow under load and a lone line leaves at once.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError, Value};
@@ -620,34 +620,4 @@ fn forced(cmd: &redis::Cmd) -> redis::Cmd {
         }
     }
     c
-}
-
-/// Reads the high-water marks of `fields` in a stream's marks key (for `checkpoints`).
-pub async fn read_marks(
-    client: &redis::Client,
-    marks_key: &str,
-    fields: &[String],
-) -> Result<HashMap<String, (u32, u64)>, RedisError> {
-    let mut c = client.get_multiplexed_async_connection().await?;
-    let vals: Vec<Option<String>> = redis::cmd("HMGET")
-        .arg(marks_key)
-        .arg(fields)
-        .query_async(&mut c)
-        .await?;
-    let mut out = HashMap::new();
-    for (f, v) in fields.iter().zip(vals) {
-        if let Some(v) = v {
-            if let Some((g, o)) = v.split_once(':') {
-                if let (Ok(g), Ok(o)) = (g.parse(), o.parse()) {
-                    out.insert(f.clone(), (g, o));
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Time since `t`, for summaries.
-pub fn since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64()
 }

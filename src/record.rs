@@ -129,14 +129,12 @@ pub struct Parsed {
     pub file: Arc<FileInfo>,
     pub start: u64,
     pub end: u64,
-    pub expect_mark: bool,
     /// `EVALSHA` of the publish script with every entry of the batch.
     pub cmd: redis::Cmd,
     pub entries: u32,
     /// Approximate wire size, for batching.
     pub wire_bytes: usize,
     pub dead: Vec<DeadRecord>,
-    pub dropped: u32,
     /// Bytes read from the file for this batch (for progress).
     pub read_bytes: u64,
     pub lines: u32,

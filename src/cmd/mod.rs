@@ -32,6 +32,7 @@ pub fn init_tracing(level: Option<&str>) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
@@ -45,7 +46,7 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<CheckpointStore> {
             cfg.agent.state_dir.display()
         )),
         Err(e @ StateError::Corrupt { .. }) => Err(anyhow::anyhow!(
-            "{e}\n  The checkpoint store cannot be read. Nothing was changed. To recover:\n    redtail state recover -c {} --from-snapshot   # rebuild from the last exported checkpoints.json\n    redtail state recover -c {}                   # start with no checkpoints\n  Either way the Redis-side high-water marks stop lines already in Redis from being published twice (docs/checkpoints.md).",
+            "{e}\n  The checkpoint store cannot be read; redtail did not start. To recover (the damaged store is moved aside, never deleted):\n    redtail state recover -c {} --from-snapshot   # rebuild from the last exported checkpoints.json\n    redtail state recover -c {}                   # start with no checkpoints\n  Either way the Redis-side high-water marks stop lines already in Redis from being published twice (docs/checkpoints.md).",
             cfg.path.display(),
             cfg.path.display()
         )),

@@ -997,6 +997,12 @@ impl Follower {
                     .map(|m| m.nlink() == 0)
                     .unwrap_or(true);
                 add(&STATS.rotations, 1);
+                // Where did it go? The kernel knows the open file's current name.
+                if let Some(now_at) = f.file.as_ref().and_then(current_path) {
+                    if !deleted {
+                        f.set_path(now_at);
+                    }
+                }
                 info!(
                     path = %f.path.display(),
                     offset = f.pos,
@@ -1239,6 +1245,17 @@ impl Follower {
                 break;
             }
         }
+    }
+}
+
+/// The current name of an open file, from /proc (None when unavailable or deleted).
+fn current_path(file: &File) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let p = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    if p.to_string_lossy().ends_with(" (deleted)") {
+        None
+    } else {
+        Some(p)
     }
 }
 
