@@ -37,15 +37,17 @@ fn fragments() -> impl Strategy<Value = String> {
         Just("[10/Oct/2000:13:55:36 -0700] ".to_string()),
         Just("GET / HTTP/1.1".to_string()),
         Just(", client: ".to_string()),
-        "[0-9]{1,4}",
-        "[a-zA-Z@.]{1,6}",
+        (0u32..100_000).prop_map(|n| n.to_string()),
+        prop::sample::select(&["a", "Oct", "host", "k", "x@1", "SRC", "HTTP", "e"][..])
+            .prop_map(String::from),
         any::<char>().prop_map(String::from),
     ];
-    prop::collection::vec(frag, 0..48).prop_map(|v| v.concat())
+    prop::collection::vec(frag, 0..24).prop_map(|v| v.concat())
 }
 
 fn input() -> impl Strategy<Value = String> {
-    prop_oneof![any::<String>(), fragments(), fragments(), fragments()]
+    let chars = prop::collection::vec(any::<char>(), 0..64).prop_map(String::from_iter);
+    prop_oneof![chars, fragments(), fragments(), fragments()]
 }
 
 fn no_panic(spec: &ParserSpec, line: &str) {
@@ -141,6 +143,79 @@ proptest! {
         let got: std::collections::BTreeMap<String, String> =
             f.iter().map(|(k, v)| (k.into(), v.into())).collect();
         prop_assert_eq!(got, obj);
+    }
+}
+
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        any::<String>().prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-z]{1,3}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Reference flattening, written against serde_json's data model.
+fn flatten(
+    prefix: Option<&str>,
+    map: &serde_json::Map<String, serde_json::Value>,
+    out: &mut Vec<(String, String)>,
+) {
+    use serde_json::Value;
+    for (k, v) in map {
+        let key = prefix.map_or_else(|| k.clone(), |p| format!("{p}.{k}"));
+        match v {
+            Value::Object(m) if m.is_empty() => out.push((key, "{}".into())),
+            Value::Object(m) => flatten(Some(&key), m, out),
+            Value::String(s) => out.push((key, s.clone())),
+            Value::Null => out.push((key, String::new())),
+            other => out.push((key, other.to_string())),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn json_flattening_matches_reference(
+        map in prop::collection::btree_map("[a-z]{1,3}", json_value(), 0..5)
+    ) {
+        let map: serde_json::Map<String, serde_json::Value> = map.into_iter().collect();
+        let pretty = serde_json::to_string_pretty(&map).unwrap().replace('\n', " ");
+        let mut want = Vec::new();
+        flatten(None, &map, &mut want);
+        for line in [serde_json::to_string(&map).unwrap(), pretty] {
+            let mut f = Fields::new();
+            ParserSpec::Json.build().parse(&line, &mut f).unwrap();
+            let got: Vec<(String, String)> = f.iter().map(|(k, v)| (k.into(), v.into())).collect();
+            prop_assert_eq!(&got, &want, "line: {}", line);
+        }
+    }
+
+    #[test]
+    fn json_validity_agrees_with_serde_json(line in fragments()) {
+        // Documented differences: a BOM is skipped, lone surrogates become U+FFFD.
+        let line = line.replace('\u{feff}', "").replace("\\ud83d", "");
+        prop_assume!(!line.to_ascii_lowercase().contains("\\ud"));
+        let mut f = Fields::new();
+        let ours = ParserSpec::Json.build().parse(&line, &mut f).is_ok();
+        let theirs = matches!(
+            serde_json::from_str::<serde_json::Value>(&line),
+            Ok(serde_json::Value::Object(_))
+        );
+        prop_assert_eq!(ours, theirs, "line: {:?}", line);
     }
 }
 
