@@ -18,10 +18,6 @@ fn wait_messages(redis: &RedisServer, stream: &str, n: usize) {
     wait_until(&format!("{n} entries in {stream}"), || redis.xlen(stream) >= n);
 }
 
-fn owned(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
 #[test]
 fn append_while_running() {
     let redis = RedisServer::start();
@@ -311,8 +307,14 @@ fn rotation_while_stopped_is_drained_on_restart() {
     logs.append("app.log", &["n3"]);
     wait_messages(&redis, &stream, 7);
     assert!(agent.stop().success());
+    // Order across the two files is not defined; within each file it is.
     let msgs = redis.xrange_messages(&stream);
-    assert_eq!(msgs, owned(&["r1", "r2", "r3", "r4", "n1", "n2", "n3"]));
+    let r: Vec<&str> = msgs.iter().map(String::as_str).filter(|m| m.starts_with('r')).collect();
+    let n: Vec<&str> = msgs.iter().map(String::as_str).filter(|m| m.starts_with('n')).collect();
+    assert_eq!(r, ["r1", "r2", "r3", "r4"], "{msgs:?}");
+    assert_eq!(n, ["n1", "n2", "n3"], "{msgs:?}");
+    assert_eq!(msgs.len(), 7, "{msgs:?}");
+    assert_eq!(redis.messages_from(&stream, &logs.path("app.log.1")), ["r3", "r4"]);
 }
 
 #[test]
@@ -327,4 +329,159 @@ fn partial_line_timeout_releases_unterminated_line() {
     wait_messages(&redis, &stream, 2);
     assert!(agent.stop().success());
     assert_eq!(redis.xrange_messages(&stream), ["complete", "no newline"]);
+}
+
+#[test]
+fn rename_rotation_with_glob_matching_only_the_current_name() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["o1"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "app.log");
+    agent.run();
+    wait_messages(&redis, &stream, 1);
+    logs.rename("app.log", "app.log.1");
+    // The writer still has the old file open for a moment.
+    logs.append("app.log.1", &["o2", "o3"]);
+    logs.append("app.log", &["n1"]);
+    wait_messages(&redis, &stream, 4);
+    logs.append("app.log", &["n2"]);
+    wait_messages(&redis, &stream, 5);
+    assert!(agent.stop().success());
+    let old: Vec<String> = redis.messages_from(&stream, &logs.path("app.log.1"));
+    let all = redis.xrange_messages(&stream);
+    let o: Vec<&str> = all.iter().map(String::as_str).filter(|m| m.starts_with('o')).collect();
+    let n: Vec<&str> = all.iter().map(String::as_str).filter(|m| m.starts_with('n')).collect();
+    assert_eq!(o, ["o1", "o2", "o3"], "{all:?} (from app.log.1: {old:?})");
+    assert_eq!(n, ["n1", "n2"], "{all:?}");
+    assert_eq!(all.len(), 5);
+}
+
+#[test]
+fn partial_line_completed_while_stopped_is_published_once_whole() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["p1"]);
+    logs.append_partial("app.log", "spl");
+    let (mut agent, stream) = agent_for(&redis, &logs, "*.log");
+    agent.run();
+    wait_messages(&redis, &stream, 1);
+    agent.wait_checkpoint(&logs.path("app.log"), 3);
+    assert!(agent.stop().success());
+    logs.append("app.log", &["it", "p3"]);
+    agent.run();
+    wait_messages(&redis, &stream, 3);
+    assert!(agent.stop().success());
+    assert_eq!(redis.xrange_messages(&stream), ["p1", "split", "p3"]);
+}
+
+#[test]
+fn truncated_and_rewritten_longer_while_stopped_is_read_from_start() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["first generation"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "app.log");
+    agent.run();
+    wait_messages(&redis, &stream, 1);
+    assert!(agent.stop().success());
+    // Same inode, new content that is longer than the old checkpoint.
+    logs.truncate("app.log");
+    logs.append("app.log", &["second generation, line one", "second generation, line two"]);
+    agent.run();
+    wait_messages(&redis, &stream, 3);
+    assert!(agent.stop().success());
+    assert_eq!(
+        redis.xrange_messages(&stream),
+        [
+            "first generation",
+            "second generation, line one",
+            "second generation, line two"
+        ]
+    );
+    // Other content in the same inode is a new file (generation 0), read whole.
+    let cp = agent.checkpoint_of(&logs.path("app.log"));
+    assert_eq!(cp["offset"], 56, "{cp:#}");
+}
+
+#[test]
+fn truncated_and_rewritten_longer_while_running() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["gen0 a", "gen0 b"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "app.log");
+    agent.run();
+    wait_messages(&redis, &stream, 2);
+    // Truncate and immediately write more than before, between two polls.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(logs.path("app.log"))
+            .unwrap();
+        f.write_all(b"gen1 first line, longer than everything before\ngen1 second\n")
+            .unwrap();
+    }
+    wait_messages(&redis, &stream, 4);
+    assert!(agent.stop().success());
+    assert_eq!(
+        redis.xrange_messages(&stream),
+        [
+            "gen0 a",
+            "gen0 b",
+            "gen1 first line, longer than everything before",
+            "gen1 second"
+        ]
+    );
+    let cp = agent.checkpoint_of(&logs.path("app.log"));
+    assert_eq!(cp["generation"], 1, "{cp:#}");
+}
+
+#[test]
+fn deleted_and_recreated_while_stopped() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["before delete"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "app.log");
+    agent.run();
+    wait_messages(&redis, &stream, 1);
+    assert!(agent.stop().success());
+    logs.remove("app.log");
+    // Likely reuses the inode number.
+    logs.append("app.log", &["recreated 1", "recreated 2 is longer"]);
+    agent.run();
+    wait_messages(&redis, &stream, 3);
+    assert!(agent.stop().success());
+    assert_eq!(
+        redis.xrange_messages(&stream),
+        ["before delete", "recreated 1", "recreated 2 is longer"]
+    );
+}
+
+#[test]
+fn multiline_records_are_joined() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    let src = SourceCfg::new("app", &[&logs.path("*.log")])
+        .parser("raw")
+        .kv("multiline", r#"{ start = "^\\S", max_lines = 500, timeout = "300ms" }"#);
+    let stream = src.stream();
+    logs.append(
+        "app.log",
+        &["ERROR boom", "  at a()", "  at b()", "INFO fine", "WARN last", "  detail"],
+    );
+    let mut agent = Agent::new(&redis.url()).source(src);
+    agent.run();
+    // The last record is released by the multiline timeout.
+    wait_messages(&redis, &stream, 3);
+    assert!(agent.stop().success());
+    let entries = redis.xrange(&stream);
+    let got: Vec<(&str, u64)> = entries.iter().map(|e| (e.message(), e.offset())).collect();
+    assert_eq!(
+        got,
+        [
+            ("ERROR boom\n  at a()\n  at b()", 0),
+            ("INFO fine", 29),
+            ("WARN last\n  detail", 39)
+        ]
+    );
 }
