@@ -363,17 +363,41 @@ impl Config {
             text,
             problems: Vec::new(),
         };
-        let raw: RawConfig = match toml::from_str(text) {
-            Ok(r) => r,
-            Err(e) => {
-                let span = e.span().unwrap_or(0..0);
-                let msg = e.message().trim().to_string();
-                let key = key_from_message(&msg).unwrap_or_else(|| "(syntax)".to_string());
-                ck.err(span, &key, msg);
-                return Err(ConfigErrors {
-                    file: path.to_path_buf(),
-                    problems: ck.problems,
-                });
+        // serde stops at the first unknown key. To still report every problem in one run,
+        // each unknown key's line is blanked (same length, so positions stay true) and the
+        // text parsed again.
+        let mut work = text.to_string();
+        let raw: RawConfig = loop {
+            match toml::from_str(&work) {
+                Ok(r) => break r,
+                Err(e) => {
+                    let span = e.span().unwrap_or(0..0);
+                    let msg = e.message().trim().to_string();
+                    let key = match key_from_message(&msg) {
+                        Some(k) => match table_at(&work, span.start) {
+                            Some(t) => format!("{t}.{k}"),
+                            None => k,
+                        },
+                        None => "(syntax)".to_string(),
+                    };
+                    ck.err(span.clone(), &key, msg.clone());
+                    let line_start = work[..span.start.min(work.len())]
+                        .rfind('\n')
+                        .map(|i| i + 1)
+                        .unwrap_or(0);
+                    let line_end = work[line_start..]
+                        .find('\n')
+                        .map(|i| line_start + i)
+                        .unwrap_or(work.len());
+                    if !msg.starts_with("unknown field") || ck.problems.len() > 50 {
+                        return Err(ConfigErrors {
+                            file: path.to_path_buf(),
+                            problems: ck.problems,
+                        });
+                    }
+                    let blank = " ".repeat(line_end - line_start);
+                    work.replace_range(line_start..line_end, &blank);
+                }
             }
         };
         let a = &raw.agent;
@@ -797,6 +821,32 @@ impl Config {
         }
         out
     }
+}
+
+/// The table a byte offset lies in: "agent", "redis", "source[2]" (None at top level).
+fn table_at(text: &str, offset: usize) -> Option<String> {
+    let mut current = None;
+    let mut sources = 0usize;
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        if pos > offset {
+            break;
+        }
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim();
+            if name == "source" {
+                current = Some(format!("source[{sources}]"));
+                sources += 1;
+            } else {
+                current = Some(name.to_string());
+            }
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            current = Some(name.trim().to_string());
+        }
+        pos += line.len();
+    }
+    current
 }
 
 fn key_from_message(msg: &str) -> Option<String> {

@@ -273,6 +273,75 @@ fn encode_entry<'t>(
     Outcome::Entry
 }
 
+/// Marks read straight from Redis when the follower opens a file, so that a restart resumes
+/// where Redis is, not where the (lagging, or lost) local checkpoint is. Retries until Redis
+/// answers: nothing could be published without it anyway.
+pub struct RedisMarks {
+    client: redis::Client,
+    conn: Option<redis::Connection>,
+    keys: Vec<String>,
+    shutdown: Receiver<()>,
+    timeout: Duration,
+    max_backoff: Duration,
+}
+
+impl RedisMarks {
+    pub fn new(cfg: &Config, shutdown: Receiver<()>) -> anyhow::Result<RedisMarks> {
+        Ok(RedisMarks {
+            client: redis::Client::open(cfg.redis.url.as_str())?,
+            conn: None,
+            keys: cfg.sources.iter().map(|s| marks_key(&s.stream)).collect(),
+            shutdown,
+            timeout: cfg.redis.connect_timeout,
+            max_backoff: cfg.redis.retry_max_backoff,
+        })
+    }
+}
+
+impl follow::Marks for RedisMarks {
+    fn get(&mut self, source: usize, field: &str) -> Option<(u32, u64)> {
+        let mut backoff = publish::Backoff::new(self.max_backoff);
+        loop {
+            if self.conn.is_none() {
+                match self.client.get_connection_with_timeout(self.timeout) {
+                    Ok(c) => {
+                        let _ = c.set_read_timeout(Some(self.timeout));
+                        let _ = c.set_write_timeout(Some(self.timeout));
+                        self.conn = Some(c);
+                    }
+                    Err(e) => {
+                        if backoff.attempts() == 0 {
+                            warn!(error = %e, "cannot reach Redis to read a file's high-water mark; waiting for it");
+                        }
+                    }
+                }
+            }
+            if let Some(c) = self.conn.as_mut() {
+                let r: Result<Option<String>, _> = redis::cmd("HGET")
+                    .arg(&self.keys[source])
+                    .arg(field)
+                    .query(c);
+                match r {
+                    Ok(v) => {
+                        return v.and_then(|v| {
+                            let (g, o) = v.split_once(':')?;
+                            Some((g.parse().ok()?, o.parse().ok()?))
+                        })
+                    }
+                    Err(e) => {
+                        self.conn = None;
+                        warn!(error = %e, "reading a high-water mark failed; retrying");
+                    }
+                }
+            }
+            match self.shutdown.recv_timeout(backoff.next_delay()) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
 /// The follower's sink: waits for a credit (backpressure), then queues the batch.
 pub struct ChannelSink {
     pub credits: Sender<()>,
@@ -449,7 +518,13 @@ pub fn run(
 
     let checkpoints = store.all()?;
     let opts = follow::Options::from_config(&cfg, mode == Mode::Backfill);
-    let follower = Follower::new(opts, follow::SourceSpec::from_config(&cfg), checkpoints);
+    let marks = RedisMarks::new(&cfg, stop_rx.clone())?;
+    let follower = Follower::new(
+        opts,
+        follow::SourceSpec::from_config(&cfg),
+        checkpoints,
+        Box::new(marks),
+    );
 
     // Parse workers.
     let mut worker_handles = Vec::new();

@@ -96,7 +96,6 @@ pub fn script() -> &'static redis::Script {
 pub struct Ack {
     pub file: Arc<FileInfo>,
     pub end: u64,
-    pub entries: u32,
     pub read_bytes: u64,
     pub lines: u32,
 }
@@ -276,7 +275,6 @@ impl Publisher {
                 let _ = acks.send(Ack {
                     file: p.file,
                     end: p.end,
-                    entries: p.entries,
                     read_bytes: p.read_bytes,
                     lines: p.lines,
                 });

@@ -122,53 +122,88 @@ pub struct Start {
     pub fingerprint: Option<Fingerprint>,
 }
 
-/// The start-point rule, in one place: a checkpoint wins when the file is still the one it
-/// describes; `start_at` applies only to files present at start-up; files that appear
-/// later start at 0 (they are new: everything in them is unread).
+/// The start-point rule, in one place. Inputs: the local checkpoint for this (dev, inode),
+/// the fingerprint the file has now, the Redis-side mark for (dev, inode, that fingerprint),
+/// the size, and whether this is start-up.
+///
+/// 1. A checkpoint describing this content (same fingerprint) resumes at its offset, or —
+///    if the file is now shorter — starts the next generation at 0 (truncated while away).
+///    A checkpoint with another fingerprint means the inode now holds other content: read
+///    from 0, in the next generation.
+/// 2. No checkpoint: `start_at` applies to files present at start-up; files that appear
+///    later start at 0 (everything in them is new).
+/// 3. The Redis mark wins when it is ahead: it is written atomically with the entries, so it
+///    is the truth about what was published (the sled checkpoint lags by up to one commit
+///    interval, and is lost with a corrupt store).
 pub fn start_point(
     cp: Option<&Checkpoint>,
     current_fp: Option<Fingerprint>,
+    mark: Option<(u32, u64)>,
     size: u64,
     startup: bool,
     start_at: StartAt,
     end_boundary: impl FnOnce() -> u64,
 ) -> Start {
-    if let Some(cp) = cp {
-        if current_fp == Some(cp.fingerprint) {
-            if size >= cp.offset {
-                return Start {
-                    offset: cp.offset,
-                    generation: cp.generation,
-                    resumed: true,
-                    fingerprint: Some(cp.fingerprint),
-                };
-            }
-            // Same first line but shorter than where we were: truncated while we were away.
-            return Start {
-                offset: 0,
-                generation: cp.generation + 1,
-                resumed: false,
-                fingerprint: None,
-            };
-        }
-        // Same inode, other content: the inode was reused by a new file.
-        return Start {
+    let mut start = match cp {
+        Some(cp) if current_fp == Some(cp.fingerprint) && size >= cp.offset => Start {
+            offset: cp.offset,
+            generation: cp.generation,
+            resumed: true,
+            fingerprint: Some(cp.fingerprint),
+        },
+        Some(cp) => Start {
             offset: 0,
+            generation: cp.generation + 1,
+            resumed: false,
+            fingerprint: None,
+        },
+        None => Start {
+            offset: if startup && start_at == StartAt::End {
+                end_boundary()
+            } else {
+                0
+            },
             generation: 0,
             resumed: false,
             fingerprint: None,
-        };
-    }
-    let offset = if startup && start_at == StartAt::End {
-        end_boundary()
-    } else {
-        0
+        },
     };
-    Start {
-        offset,
-        generation: 0,
-        resumed: false,
-        fingerprint: None,
+    if let Some((g, o)) = mark {
+        if (g, o) > (start.generation, start.offset) || (g == start.generation && !start.resumed) {
+            start = if size >= o {
+                Start {
+                    offset: o,
+                    generation: g,
+                    resumed: true,
+                    fingerprint: current_fp,
+                }
+            } else {
+                // Published up to `o` in generation `g`, but the file is shorter now.
+                Start {
+                    offset: 0,
+                    generation: g + 1,
+                    resumed: false,
+                    fingerprint: None,
+                }
+            };
+        }
+    }
+    start
+}
+
+/// Where the follower learns the Redis-side high-water mark of a file.
+pub trait Marks: Send {
+    /// The mark of `field` in the marks hash of source `source`'s stream, if any.
+    fn get(&mut self, source: usize, field: &str) -> Option<(u32, u64)>;
+}
+
+/// No Redis: for tests and offline use.
+#[cfg_attr(not(test), allow(dead_code))]
+pub struct NoMarks;
+
+impl Marks for NoMarks {
+    fn get(&mut self, _: usize, _: &str) -> Option<(u32, u64)> {
+        None
     }
 }
 
@@ -386,11 +421,17 @@ pub struct Follower {
     warned_missing: HashSet<String>,
     /// Directories worth watching (parents of globs and of followed files).
     pub watch_dirs: HashSet<PathBuf>,
+    marks: Box<dyn Marks>,
 }
 
 impl Follower {
     /// A follower over `sources`, resuming from `checkpoints` (all sources).
-    pub fn new(opts: Options, sources: Vec<SourceSpec>, checkpoints: Vec<Checkpoint>) -> Self {
+    pub fn new(
+        opts: Options,
+        sources: Vec<SourceSpec>,
+        checkpoints: Vec<Checkpoint>,
+        marks: Box<dyn Marks>,
+    ) -> Self {
         let by_name: HashMap<&str, usize> = sources
             .iter()
             .enumerate()
@@ -413,6 +454,7 @@ impl Follower {
             dirty: HashSet::new(),
             warned_missing: HashSet::new(),
             watch_dirs: HashSet::new(),
+            marks,
         }
     }
 
@@ -1060,24 +1102,23 @@ impl Follower {
         }
         self.warned_missing.remove(path.to_string_lossy().as_ref());
         let cp = self.checkpoints.get(&(si, key));
-        let current_fp = fingerprint_of(&file).ok().flatten();
-        let current_fp = match (cp, current_fp) {
+        let current_fp = match cp {
             // Compare over the checkpoint's length: the first line may have grown since.
-            (Some(cp), Some(_)) if fingerprint_matches(&file, cp.fingerprint) => {
-                Some(cp.fingerprint)
-            }
-            (_, fp) => fp,
+            Some(cp) if fingerprint_matches(&file, cp.fingerprint) => Some(cp.fingerprint),
+            _ => fingerprint_of(&file).ok().flatten(),
         };
+        let mark = current_fp.and_then(|fp| self.marks.get(si, &crate::record::file_id(key, fp)));
         let start = start_point(
             cp,
             current_fp,
+            mark,
             meta.len(),
             self.startup,
             self.sources[si].start_at,
             || end_boundary(&file, meta.len()),
         );
-        if cp.is_some() && !start.resumed {
-            warn!(path = %path.display(), "checkpoint does not match the file any more (rewritten or inode reused); reading it from the start");
+        if cp.is_some() && !start.resumed && start.offset == 0 {
+            warn!(path = %path.display(), "checkpoint does not match the file any more (truncated, rewritten or inode reused); reading it from the start");
         }
         self.insert_tracked(si, key, path, file, start, now, round);
     }
@@ -1231,13 +1272,22 @@ impl Follower {
                 if !fingerprint_matches(&file, cp.fingerprint) || meta.len() <= cp.offset {
                     break;
                 }
-                info!(path = %path.display(), was = %cp.path, offset = cp.offset, "found a file rotated while the agent was stopped; draining it");
-                let start = Start {
-                    offset: cp.offset,
-                    generation: cp.generation,
-                    resumed: true,
-                    fingerprint: Some(cp.fingerprint),
-                };
+                let mark = self
+                    .marks
+                    .get(si, &crate::record::file_id(cp.key, cp.fingerprint));
+                let start = start_point(
+                    Some(&cp),
+                    Some(cp.fingerprint),
+                    mark,
+                    meta.len(),
+                    true,
+                    StartAt::Beginning,
+                    || 0,
+                );
+                if start.offset >= meta.len() {
+                    break;
+                }
+                info!(path = %path.display(), was = %cp.path, offset = start.offset, "found a file rotated while the agent was stopped; draining it");
                 self.insert_tracked(si, cp.key, &path, file, start, now, round);
                 if let Some(f) = self.files.get_mut(&(si, cp.key)) {
                     f.state = State::Gone { since: now };
