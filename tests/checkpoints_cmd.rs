@@ -8,8 +8,18 @@ use std::os::unix::fs::MetadataExt;
 use common::*;
 
 const KEYS: &[&str] = &[
-    "source", "path", "dev", "inode", "fingerprint", "file_id", "generation", "offset", "size",
-    "lag", "present", "updated_ms",
+    "source",
+    "path",
+    "dev",
+    "inode",
+    "fingerprint",
+    "file_id",
+    "generation",
+    "offset",
+    "size",
+    "lag",
+    "present",
+    "updated_ms",
 ];
 
 fn check_row(c: &serde_json::Value, path: &std::path::Path, offset: u64) {
@@ -26,9 +36,18 @@ fn check_row(c: &serde_json::Value, path: &std::path::Path, offset: u64) {
     assert_eq!(c["lag"], m.len() - offset, "{c:#}");
     assert_eq!(c["present"], true);
     assert_eq!(c["generation"], 0);
-    assert!(c["updated_ms"].as_u64().unwrap() > 1_600_000_000_000, "{c:#}");
-    assert!(c["fingerprint"].as_str().is_some_and(|f| !f.is_empty()), "{c:#}");
-    assert!(c["file_id"].as_str().is_some_and(|f| !f.is_empty()), "{c:#}");
+    assert!(
+        c["updated_ms"].as_u64().unwrap() > 1_600_000_000_000,
+        "{c:#}"
+    );
+    assert!(
+        c["fingerprint"].as_str().is_some_and(|f| !f.is_empty()),
+        "{c:#}"
+    );
+    assert!(
+        c["file_id"].as_str().is_some_and(|f| !f.is_empty()),
+        "{c:#}"
+    );
 }
 
 #[test]
@@ -50,7 +69,10 @@ fn while_running_from_snapshot_and_when_stopped_from_store() {
     let table = agent.cmd(&["checkpoints", "-c", agent.cfg()]);
     assert!(table.status.success(), "{}", show(&table));
     let t = String::from_utf8_lossy(&table.stdout);
-    assert!(t.starts_with("# 1 checkpoint(s), from the snapshot written"), "{t}");
+    assert!(
+        t.starts_with("# 1 checkpoint(s), from the snapshot written"),
+        "{t}"
+    );
 
     // Lag: appended but the agent is the one to catch up.
     logs.append("app.log", &["l4"]);
@@ -93,7 +115,12 @@ fn one_row_per_file_and_source() {
     let mut rows: Vec<(String, u64)> = agent
         .checkpoints_json()
         .iter()
-        .map(|c| (c["path"].as_str().unwrap().to_string(), c["offset"].as_u64().unwrap()))
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap().to_string(),
+                c["offset"].as_u64().unwrap(),
+            )
+        })
         .collect();
     rows.sort();
     assert_eq!(

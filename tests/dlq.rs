@@ -11,7 +11,9 @@ use base64::Engine;
 use common::*;
 
 fn fixture(rel: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -72,7 +74,9 @@ fn bad_lines_go_to_the_dead_letter_file_with_their_class() {
     let out = agent.backfill(&[]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
-        stdout(&out).contains("published 2 entries (0 already in Redis), dead-lettered 7, dropped by filter 0"),
+        stdout(&out).contains(
+            "published 2 entries (0 already in Redis), dead-lettered 7, dropped by filter 0"
+        ),
         "{}",
         show(&out)
     );
@@ -84,7 +88,12 @@ fn bad_lines_go_to_the_dead_letter_file_with_their_class() {
     let dl = dead_letters(&agent);
     let got: Vec<(u64, &str)> = dl
         .iter()
-        .map(|d| (d["offset"].as_u64().unwrap(), d["error_class"].as_str().unwrap()))
+        .map(|d| {
+            (
+                d["offset"].as_u64().unwrap(),
+                d["error_class"].as_str().unwrap(),
+            )
+        })
         .collect();
     let expected: Vec<(u64, &str)> = [
         (1, "parse"),
@@ -103,8 +112,20 @@ fn bad_lines_go_to_the_dead_letter_file_with_their_class() {
     for (d, i) in dl.iter().zip(1..=7) {
         let raw = &lines[i].1;
         for k in [
-            "schema", "ts", "host", "source", "path", "file_id", "generation", "offset", "length",
-            "parser", "error_class", "error", "attempts", "agent_version",
+            "schema",
+            "ts",
+            "host",
+            "source",
+            "path",
+            "file_id",
+            "generation",
+            "offset",
+            "length",
+            "parser",
+            "error_class",
+            "error",
+            "attempts",
+            "agent_version",
         ] {
             assert!(d.get(k).is_some(), "key {k} missing in {d}");
         }
@@ -113,15 +134,22 @@ fn bad_lines_go_to_the_dead_letter_file_with_their_class() {
         assert_eq!(d["path"], p.to_str().unwrap());
         assert_eq!(d["parser"], "json");
         assert_eq!(d["length"], raw.len() as u64, "{d}");
-        assert!(d.get("truncated").is_none(), "truncated only when true: {d}");
+        assert!(
+            d.get("truncated").is_none(),
+            "truncated only when true: {d}"
+        );
         match std::str::from_utf8(raw) {
             Ok(text) => {
                 assert_eq!(d["line"], text, "{d}");
                 assert!(d.get("line_b64").is_none(), "{d}");
             }
             Err(_) => {
-                let b64 = d["line_b64"].as_str().unwrap_or_else(|| panic!("no line_b64: {d}"));
-                let decoded = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+                let b64 = d["line_b64"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("no line_b64: {d}"));
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap();
                 assert_eq!(&decoded, raw);
                 assert!(d.get("line").is_none(), "{d}");
             }
@@ -150,7 +178,15 @@ fn bad_lines_go_to_the_dead_letter_file_with_their_class() {
     );
 
     // dlq show --class filters.
-    let show_enc = agent.cmd(&["dlq", "-c", agent.cfg(), "show", "--json", "--class", "encoding"]);
+    let show_enc = agent.cmd(&[
+        "dlq",
+        "-c",
+        agent.cfg(),
+        "show",
+        "--json",
+        "--class",
+        "encoding",
+    ]);
     assert!(show_enc.status.success(), "{}", show(&show_enc));
     assert_eq!(stdout(&show_enc).lines().count(), 2, "{}", show(&show_enc));
 }
@@ -214,7 +250,9 @@ fn replay_publishes_exactly_once() {
         .map(|d| d["error_class"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(kept, ["encoding", "encoding", "oversize"]);
-    assert!(dead_letters(&agent).iter().all(|d| d["attempts"].as_u64().unwrap() >= 1));
+    assert!(dead_letters(&agent)
+        .iter()
+        .all(|d| d["attempts"].as_u64().unwrap() >= 1));
 
     // Replaying again publishes nothing new.
     let r2 = replay(&agent);
@@ -231,7 +269,10 @@ fn replay_publishes_exactly_once() {
     let r3 = replay(&agent);
     assert!(r3.contains("3 published, 0 already published"), "{r3}");
     assert!(r3.contains("0 kept in"), "{r3}");
-    assert!(dead_letters(&agent).is_empty(), "the dead-letter file is emptied");
+    assert!(
+        dead_letters(&agent).is_empty(),
+        "the dead-letter file is emptied"
+    );
     expected.push(String::from_utf8_lossy(&lines[4].1).into_owned());
     expected.push(String::from_utf8_lossy(&lines[5].1).into_owned());
     expected.push("x".repeat(LONG));

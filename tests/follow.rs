@@ -15,7 +15,9 @@ fn agent_for(redis: &RedisServer, logs: &LogDir, glob: &str) -> (Agent, String) 
 }
 
 fn wait_messages(redis: &RedisServer, stream: &str, n: usize) {
-    wait_until(&format!("{n} entries in {stream}"), || redis.xlen(stream) >= n);
+    wait_until(&format!("{n} entries in {stream}"), || {
+        redis.xlen(stream) >= n
+    });
 }
 
 #[test]
@@ -29,7 +31,11 @@ fn append_while_running() {
     logs.append("app.log", &["three"]);
     logs.append("app.log", &["four", "five"]);
     wait_messages(&redis, &stream, 5);
-    assert!(agent.stop().success(), "exit status; stderr:\n{}", agent.stderr());
+    assert!(
+        agent.stop().success(),
+        "exit status; stderr:\n{}",
+        agent.stderr()
+    );
     let entries = redis.xrange(&stream);
     let msgs: Vec<&str> = entries.iter().map(|e| e.message()).collect();
     assert_eq!(msgs, ["one", "two", "three", "four", "five"]);
@@ -40,7 +46,10 @@ fn append_while_running() {
     for e in &entries {
         assert_eq!(e.path(), p.to_str().unwrap());
         assert_eq!(e.get("host.name"), Some("testhost"));
-        assert!(e.get("log.record.uid").is_some_and(|u| !u.is_empty()), "{e:?}");
+        assert!(
+            e.get("log.record.uid").is_some_and(|u| !u.is_empty()),
+            "{e:?}"
+        );
     }
 }
 
@@ -58,7 +67,10 @@ fn partial_line_is_held_until_complete() {
     wait_messages(&redis, &stream, 2);
     // Let several poll rounds pass with the half line on disk.
     std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(redis.messages_from(&stream, &logs.path("app.log")), ["first"]);
+    assert_eq!(
+        redis.messages_from(&stream, &logs.path("app.log")),
+        ["first"]
+    );
     logs.append("app.log", &["ves"]);
     logs.append("app.log", &["after"]);
     wait_messages(&redis, &stream, 4);
@@ -153,7 +165,12 @@ fn plain_truncate_then_rewrite() {
     assert!(agent.stop().success());
     assert_eq!(
         redis.xrange_messages(&stream),
-        ["long line number one", "long line number two", "short", "short2"]
+        [
+            "long line number one",
+            "long line number two",
+            "short",
+            "short2"
+        ]
     );
 }
 
@@ -212,8 +229,16 @@ fn symlink_followed_and_repointed() {
     wait_messages(&redis, &stream, 6);
     assert!(agent.stop().success());
     let msgs = redis.xrange_messages(&stream);
-    let a: Vec<&str> = msgs.iter().map(String::as_str).filter(|m| m.starts_with('a')).collect();
-    let b: Vec<&str> = msgs.iter().map(String::as_str).filter(|m| m.starts_with('b')).collect();
+    let a: Vec<&str> = msgs
+        .iter()
+        .map(String::as_str)
+        .filter(|m| m.starts_with('a'))
+        .collect();
+    let b: Vec<&str> = msgs
+        .iter()
+        .map(String::as_str)
+        .filter(|m| m.starts_with('b'))
+        .collect();
     assert_eq!(a, ["a1", "a2", "a3"], "{msgs:?}");
     assert_eq!(b, ["b1", "b2", "b3"], "{msgs:?}");
     assert_eq!(msgs.len(), 6, "{msgs:?}");
@@ -236,7 +261,10 @@ fn directory_created_after_start() {
     logs.append("late/app.log", &["late-3"]);
     wait_messages(&redis, &stream, 3);
     assert!(agent.stop().success());
-    assert_eq!(redis.xrange_messages(&stream), ["late-1", "late-2", "late-3"]);
+    assert_eq!(
+        redis.xrange_messages(&stream),
+        ["late-1", "late-2", "late-3"]
+    );
 }
 
 #[test]
@@ -254,14 +282,19 @@ fn start_at_end_skips_existing_content() {
     // The agent must have opened the file (at its end) before we append. No checkpoint is
     // written before something is published, so the only observable is its log line.
     let opened = format!("following file source=app path={} offset=12", p.display());
-    wait_until("the agent following app.log at offset 12", || agent.stderr().contains(&opened));
+    wait_until("the agent following app.log at offset 12", || {
+        agent.stderr().contains(&opened)
+    });
     logs.append("app.log", &["new-1"]);
     // A file appearing later is read from 0 even with start_at = end.
     logs.append("later.log", &["later-1"]);
     wait_messages(&redis, &stream, 2);
     assert!(agent.stop().success());
     assert_eq!(redis.messages_from(&stream, &p), ["new-1"]);
-    assert_eq!(redis.messages_from(&stream, &logs.path("later.log")), ["later-1"]);
+    assert_eq!(
+        redis.messages_from(&stream, &logs.path("later.log")),
+        ["later-1"]
+    );
     assert_eq!(redis.xlen(&stream), 2);
 }
 
@@ -309,12 +342,23 @@ fn rotation_while_stopped_is_drained_on_restart() {
     assert!(agent.stop().success());
     // Order across the two files is not defined; within each file it is.
     let msgs = redis.xrange_messages(&stream);
-    let r: Vec<&str> = msgs.iter().map(String::as_str).filter(|m| m.starts_with('r')).collect();
-    let n: Vec<&str> = msgs.iter().map(String::as_str).filter(|m| m.starts_with('n')).collect();
+    let r: Vec<&str> = msgs
+        .iter()
+        .map(String::as_str)
+        .filter(|m| m.starts_with('r'))
+        .collect();
+    let n: Vec<&str> = msgs
+        .iter()
+        .map(String::as_str)
+        .filter(|m| m.starts_with('n'))
+        .collect();
     assert_eq!(r, ["r1", "r2", "r3", "r4"], "{msgs:?}");
     assert_eq!(n, ["n1", "n2", "n3"], "{msgs:?}");
     assert_eq!(msgs.len(), 7, "{msgs:?}");
-    assert_eq!(redis.messages_from(&stream, &logs.path("app.log.1")), ["r3", "r4"]);
+    assert_eq!(
+        redis.messages_from(&stream, &logs.path("app.log.1")),
+        ["r3", "r4"]
+    );
 }
 
 #[test]
@@ -349,8 +393,16 @@ fn rename_rotation_with_glob_matching_only_the_current_name() {
     assert!(agent.stop().success());
     let old: Vec<String> = redis.messages_from(&stream, &logs.path("app.log.1"));
     let all = redis.xrange_messages(&stream);
-    let o: Vec<&str> = all.iter().map(String::as_str).filter(|m| m.starts_with('o')).collect();
-    let n: Vec<&str> = all.iter().map(String::as_str).filter(|m| m.starts_with('n')).collect();
+    let o: Vec<&str> = all
+        .iter()
+        .map(String::as_str)
+        .filter(|m| m.starts_with('o'))
+        .collect();
+    let n: Vec<&str> = all
+        .iter()
+        .map(String::as_str)
+        .filter(|m| m.starts_with('n'))
+        .collect();
     assert_eq!(o, ["o1", "o2", "o3"], "{all:?} (from app.log.1: {old:?})");
     assert_eq!(n, ["n1", "n2"], "{all:?}");
     assert_eq!(all.len(), 5);
@@ -385,7 +437,10 @@ fn truncated_and_rewritten_longer_while_stopped_is_read_from_start() {
     assert!(agent.stop().success());
     // Same inode, new content that is longer than the old checkpoint.
     logs.truncate("app.log");
-    logs.append("app.log", &["second generation, line one", "second generation, line two"]);
+    logs.append(
+        "app.log",
+        &["second generation, line one", "second generation, line two"],
+    );
     agent.run();
     wait_messages(&redis, &stream, 3);
     assert!(agent.stop().success());
@@ -410,7 +465,10 @@ fn truncated_and_rewritten_longer_while_running() {
     let (mut agent, stream) = agent_for(&redis, &logs, "app.log");
     agent.run();
     wait_messages(&redis, &stream, 2);
-    // Truncate and immediately write more than before, between two polls.
+    // copytruncate-like: truncate and write more than before while the agent is not
+    // looking (SIGSTOP), so it only sees a file that grew and whose first line changed. The
+    // new content must be read from 0 (generation 1), not from the old offset.
+    nix::sys::signal::kill(agent.pid(), nix::sys::signal::Signal::SIGSTOP).unwrap();
     {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
@@ -421,6 +479,7 @@ fn truncated_and_rewritten_longer_while_running() {
         f.write_all(b"gen1 first line, longer than everything before\ngen1 second\n")
             .unwrap();
     }
+    nix::sys::signal::kill(agent.pid(), nix::sys::signal::Signal::SIGCONT).unwrap();
     wait_messages(&redis, &stream, 4);
     assert!(agent.stop().success());
     assert_eq!(
@@ -463,11 +522,21 @@ fn multiline_records_are_joined() {
     let logs = LogDir::new();
     let src = SourceCfg::new("app", &[&logs.path("*.log")])
         .parser("raw")
-        .kv("multiline", r#"{ start = "^\\S", max_lines = 500, timeout = "300ms" }"#);
+        .kv(
+            "multiline",
+            r#"{ start = "^\\S", max_lines = 500, timeout = "300ms" }"#,
+        );
     let stream = src.stream();
     logs.append(
         "app.log",
-        &["ERROR boom", "  at a()", "  at b()", "INFO fine", "WARN last", "  detail"],
+        &[
+            "ERROR boom",
+            "  at a()",
+            "  at b()",
+            "INFO fine",
+            "WARN last",
+            "  detail",
+        ],
     );
     let mut agent = Agent::new(&redis.url()).source(src);
     agent.run();

@@ -98,13 +98,27 @@ fn regex_with_pattern() {
     let pattern = std::fs::read_to_string(dir.join("app.pattern")).unwrap();
     let pattern = pattern.lines().next().unwrap();
     let log = dir.join("app.log");
-    let out = parse(&["--parser", "regex", "--pattern", pattern, log.to_str().unwrap()], None);
+    let out = parse(
+        &[
+            "--parser",
+            "regex",
+            "--pattern",
+            pattern,
+            log.to_str().unwrap(),
+        ],
+        None,
+    );
     // The fixture has a non-matching line: exit 1, the others still printed.
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     check_case(&out, &log, &dir.join("app.expected.jsonl"));
 
     let out = parse(
-        &["--parser", "regex", "--pattern", r"^(?P<level>[A-Z]+) (?P<text>.*)$"],
+        &[
+            "--parser",
+            "regex",
+            "--pattern",
+            r"^(?P<level>[A-Z]+) (?P<text>.*)$",
+        ],
         Some(b"WARN disk full\r\nERROR boom\n"),
     );
     assert!(out.status.success(), "{}", show(&out));
@@ -121,18 +135,29 @@ fn regex_with_pattern() {
 fn regex_without_pattern_is_an_error() {
     let out = parse(&["--parser", "regex"], Some(b"x\n"));
     assert!(!out.status.success(), "{}", show(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a pattern"), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a pattern"),
+        "{}",
+        show(&out)
+    );
 }
 
 #[test]
 fn failures_are_reported_per_line_and_exit_1() {
-    let out = parse(&["--parser", "json"], Some(b"{\"a\":1}\nnot json\n{\"b\":\"2\"}\n"));
+    let out = parse(
+        &["--parser", "json"],
+        Some(b"{\"a\":1}\nnot json\n{\"b\":\"2\"}\n"),
+    );
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     let got = json_lines(&out);
     assert_eq!(got.len(), 3, "{}", show(&out));
     assert_eq!(got[0], json!({"a": "1", "message": "{\"a\":1}"}));
     assert_eq!(got[1]["line"], 2);
     assert_eq!(got[1]["message"], "not json");
-    assert!(got[1]["error"].as_str().is_some_and(|e| !e.is_empty()), "{}", got[1]);
+    assert!(
+        got[1]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{}",
+        got[1]
+    );
     assert_eq!(got[2], json!({"b": "2", "message": "{\"b\":\"2\"}"}));
 }

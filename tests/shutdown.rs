@@ -46,11 +46,17 @@ fn sigterm_during_steady_writes_commits_exactly_what_was_published() {
             }
         })
     };
-    wait_until("300 lines published while writing", || redis.xlen(&stream) >= 300);
+    wait_until("300 lines published while writing", || {
+        redis.xlen(&stream) >= 300
+    });
     let status = agent.stop();
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
-    assert!(status.success(), "exit status {status:?}; stderr:\n{}", agent.stderr());
+    assert!(
+        status.success(),
+        "exit status {status:?}; stderr:\n{}",
+        agent.stderr()
+    );
 
     let total = written.load(Ordering::SeqCst);
     let entries = redis.xrange(&stream);
@@ -66,7 +72,10 @@ fn sigterm_during_steady_writes_commits_exactly_what_was_published() {
     let last = entries.last().unwrap();
     let published_end = last.offset() + last.message().len() as u64 + 1;
     let cp = agent.checkpoint_of(&p);
-    assert_eq!(cp["offset"], published_end, "checkpoint vs last published line: {cp:#}");
+    assert_eq!(
+        cp["offset"], published_end,
+        "checkpoint vs last published line: {cp:#}"
+    );
     // The Redis-side mark agrees too (`gen:offset`).
     let marks: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
         .arg(format!("{{{stream}}}:redtail:marks"))
@@ -82,7 +91,9 @@ fn sigterm_during_steady_writes_commits_exactly_what_was_published() {
 
     // A restart publishes the rest, nothing twice.
     agent.run();
-    wait_until(&format!("all {total} lines in Redis"), || redis.xlen(&stream) >= total);
+    wait_until(&format!("all {total} lines in Redis"), || {
+        redis.xlen(&stream) >= total
+    });
     assert!(agent.stop().success());
     let msgs = redis.xrange_messages(&stream);
     let expected: Vec<String> = (0..total).map(line).collect();

@@ -20,7 +20,11 @@ fn validate(text: &str) -> (tempfile::TempDir, String, Output) {
 }
 
 fn all_output(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn good_config(dir: &Path) -> String {
@@ -59,7 +63,10 @@ fn good_config_exits_0() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.starts_with(&format!("{cfg}: OK, 1 source(s)")), "{s}");
-    assert!(s.contains(r#"source "app": parser regex, stream "logs:app", 1 file(s) match now"#), "{s}");
+    assert!(
+        s.contains(r#"source "app": parser regex, stream "logs:app", 1 file(s) match now"#),
+        "{s}"
+    );
 }
 
 #[test]
@@ -135,9 +142,18 @@ parser = "nosuch"
     let (_d, cfg, out) = validate(text);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     let s = all_output(&out);
-    assert!(s.contains(&format!("{cfg}:6:1: ")) && s.contains("urll"), "{s}");
-    assert!(s.contains(&format!("{cfg}:3:17: agent.poll_interval: ")), "poll_interval not reported:\n{s}");
-    assert!(s.contains(&format!("{cfg}:11:10: source[0].parser: ")), "parser not reported:\n{s}");
+    assert!(
+        s.contains(&format!("{cfg}:6:1: ")) && s.contains("urll"),
+        "{s}"
+    );
+    assert!(
+        s.contains(&format!("{cfg}:3:17: agent.poll_interval: ")),
+        "poll_interval not reported:\n{s}"
+    );
+    assert!(
+        s.contains(&format!("{cfg}:11:10: source[0].parser: ")),
+        "parser not reported:\n{s}"
+    );
 }
 
 #[test]

@@ -64,7 +64,8 @@ impl Entry {
         self.get("message").expect("entry without a message field")
     }
     pub fn path(&self) -> &str {
-        self.get("log.file.path").expect("entry without log.file.path")
+        self.get("log.file.path")
+            .expect("entry without log.file.path")
     }
     pub fn offset(&self) -> u64 {
         self.get("log.offset")
@@ -314,7 +315,10 @@ pub struct SourceCfg {
 impl SourceCfg {
     /// `paths` are absolute globs.
     pub fn new(name: &str, paths: &[&Path]) -> Self {
-        let paths: Vec<String> = paths.iter().map(|p| toml_str(p.to_str().unwrap())).collect();
+        let paths: Vec<String> = paths
+            .iter()
+            .map(|p| toml_str(p.to_str().unwrap()))
+            .collect();
         SourceCfg {
             name: name.to_string(),
             lines: vec![
@@ -569,9 +573,8 @@ impl Agent {
     pub fn wait_checkpoint(&self, path: &Path, offset: u64) {
         let p = path.to_str().unwrap();
         wait_until(&format!("checkpoint of {p} at offset {offset}"), || {
-            self.try_checkpoints_json().is_some_and(|all| {
-                all.iter().any(|c| c["path"] == p && c["offset"] == offset)
-            })
+            self.try_checkpoints_json()
+                .is_some_and(|all| all.iter().any(|c| c["path"] == p && c["offset"] == offset))
         });
     }
 
