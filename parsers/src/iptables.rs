@@ -38,8 +38,7 @@
 use std::borrow::Cow;
 
 use crate::scan::{skip_ws, trim_cr};
-use crate::syslog::{bsd_header, pri};
-use crate::timestamp::month_from_abbr;
+use crate::syslog::{bsd_header, bsd_timestamp_len, pri};
 use crate::{Fields, ParseError, ParseErrorKind, Parser, TimestampFormat};
 
 /// The `iptables` parser.
@@ -47,9 +46,7 @@ use crate::{Fields, ParseError, ParseErrorKind, Parser, TimestampFormat};
 pub struct IptablesParser;
 
 fn has_syslog_header(b: &[u8]) -> bool {
-    b.first() == Some(&b'<')
-        || (b.len() > 4 && month_from_abbr(&b[..3]).is_some() && b[3] == b' ')
-        || (b.len() > 10 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-')
+    b.first() == Some(&b'<') || bsd_timestamp_len(b).is_some()
 }
 
 /// Position of `pat` at a word boundary (start of line or after a space).
@@ -337,7 +334,8 @@ mod tests {
 
     #[test]
     fn flags_not_contiguous() {
-        let f = parse("IN=eth0 OUT= ACK URGP=0 FIN").unwrap();
+        let f = parse("Mar IN=eth0 OUT= ACK URGP=0 FIN").unwrap();
+        assert_eq!(f.get("iptables.prefix"), Some("Mar"));
         assert_eq!(f.get("iptables.tcp.flags"), Some("ACK FIN"));
         let f = parse("IN=eth0 MAC=00:00:00:00:00:00:00:00:00:00:00:0\u{e9}").unwrap();
         assert_eq!(f.get("source.mac"), None);

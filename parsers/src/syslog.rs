@@ -97,7 +97,7 @@ pub(crate) fn pri<'a>(line: &'a str, out: &mut Fields<'a>) -> Result<usize, Pars
 
 /// Length of a BSD timestamp (`Oct 11 22:14:15`, optionally with a fraction)
 /// or an ISO one (`2024-01-02T03:04:05...`) at the start of `b`.
-fn bsd_timestamp_len(b: &[u8]) -> Option<usize> {
+pub(crate) fn bsd_timestamp_len(b: &[u8]) -> Option<usize> {
     if b.len() >= 15
         && month_from_abbr(&b[..3]).is_some()
         && b[3] == b' '
