@@ -76,10 +76,20 @@ fn assert_exactly_once(redis: &RedisServer, stream: &str, written: &[String]) {
     let got: Vec<&str> = entries.iter().map(|e| e.message()).collect();
     let mut seen = HashSet::new();
     let dups: Vec<&str> = got.iter().copied().filter(|m| !seen.insert(*m)).collect();
-    assert!(dups.is_empty(), "{} duplicated lines in {stream}, e.g. {:?}", dups.len(), &dups[..dups.len().min(5)]);
+    assert!(
+        dups.is_empty(),
+        "{} duplicated lines in {stream}, e.g. {:?}",
+        dups.len(),
+        &dups[..dups.len().min(5)]
+    );
     let want: HashSet<&str> = written.iter().map(|s| s.as_str()).collect();
     let missing: Vec<&&str> = want.iter().filter(|m| !seen.contains(**m)).collect();
-    assert!(missing.is_empty(), "{} lines missing from {stream}, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} lines missing from {stream}, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     assert_eq!(got.len(), written.len(), "extra lines in {stream}");
     // Per file, order is write order (the number after the name grows).
     let mut per_file: BTreeMap<String, Vec<&str>> = BTreeMap::new();
@@ -92,7 +102,10 @@ fn assert_exactly_once(redis: &RedisServer, stream: &str, written: &[String]) {
         let nums: Vec<&str> = msgs.iter().map(|m| m.split(' ').next().unwrap()).collect();
         let mut sorted = nums.clone();
         sorted.sort();
-        assert_eq!(nums, sorted, "lines of file {file} out of order in {stream}");
+        assert_eq!(
+            nums, sorted,
+            "lines of file {file} out of order in {stream}"
+        );
     }
 }
 
@@ -119,7 +132,9 @@ fn kill9_at_random_moments_while_writing_and_rotating_loses_and_duplicates_nothi
             // copytruncate is only loss-free when the agent has read everything first
             // (that race is logrotate's, documented): wait for it, then copy and truncate.
             let want = b.written.len();
-            wait_until("b published before copytruncate", || redis.xlen(&stream_b) >= want);
+            wait_until("b published before copytruncate", || {
+                redis.xlen(&stream_b) >= want
+            });
             logs.copytruncate("b.log", &format!("b.log.{cycle}"));
         }
         // Write and rotate for a random while; the kill lands somewhere in it.
@@ -188,7 +203,9 @@ fn redis_paused_then_restarted_with_aof_while_writing() {
     }
     redis.resume();
     let n = w.written.len();
-    wait_until("lines written during the pause published", || redis.xlen(&stream) >= n);
+    wait_until("lines written during the pause published", || {
+        redis.xlen(&stream) >= n
+    });
 
     // Restarted (AOF, fsync always: nothing acknowledged is lost) while lines keep coming.
     for i in 0..10 {
@@ -199,7 +216,9 @@ fn redis_paused_then_restarted_with_aof_while_writing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let n = w.written.len();
-    wait_until("lines written around the restart published", || redis.xlen(&stream) >= n);
+    wait_until("lines written around the restart published", || {
+        redis.xlen(&stream) >= n
+    });
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
     assert_exactly_once(&redis, &stream, &w.written);
     assert!(
@@ -229,14 +248,20 @@ fn redis_restarted_without_persistence_is_reported_not_republished() {
     redis.restart(); // no persistence: the stream and the marks are gone
     let before = w.written.len();
     w.write(&logs, "app.log", 5, &mut rng);
-    wait_until("new lines published after the data loss", || redis.xlen(&stream) >= 5);
+    wait_until("new lines published after the data loss", || {
+        redis.xlen(&stream) >= 5
+    });
     wait_until("the loss reported in the log", || {
         agent.stderr().contains("Redis lost data")
     });
     assert_eq!(agent.stop().code(), Some(0));
     // History is not republished silently: only the new lines are there.
     assert_eq!(redis.xrange_messages(&stream), w.written[before..].to_vec());
-    assert!(agent.stderr().contains("no high-water mark"), "{}", agent.stderr());
+    assert!(
+        agent.stderr().contains("no high-water mark"),
+        "{}",
+        agent.stderr()
+    );
 }
 
 #[test]

@@ -129,7 +129,7 @@ pub struct Start {
 /// 1. A checkpoint describing this content (same fingerprint) resumes at its offset, or —
 ///    if the file is now shorter — starts the next generation at 0 (truncated while away).
 ///    A checkpoint with another fingerprint means the inode now holds other content: read
-///    from 0, in the next generation.
+///    from 0. Generations count within one mark field (dev, inode, fingerprint) only.
 /// 2. No checkpoint: `start_at` applies to files present at start-up; files that appear
 ///    later start at 0 (everything in them is new).
 /// 3. The Redis mark wins when it is ahead: it is written atomically with the entries, so it
@@ -151,9 +151,17 @@ pub fn start_point(
             resumed: true,
             fingerprint: Some(cp.fingerprint),
         },
-        Some(cp) => Start {
+        Some(cp) if current_fp == Some(cp.fingerprint) => Start {
             offset: 0,
             generation: cp.generation + 1,
+            resumed: false,
+            fingerprint: None,
+        },
+        // Other content: another mark field, whose generations owe nothing to this
+        // checkpoint's (the mark below, if any, says where that content stands).
+        Some(_) => Start {
+            offset: 0,
+            generation: 0,
             resumed: false,
             fingerprint: None,
         },
@@ -615,6 +623,17 @@ impl Follower {
                 f.at_eof = true;
                 break;
             }
+            // Growing again after a pause: make sure it is still the same content. A file
+            // truncated and rewritten past our position between two polls looks like
+            // growth by size alone (copytruncate followed by a burst of writes).
+            if f.at_eof && f.pos > 0 {
+                if let (Some(h), Some(fp)) = (&f.file, f.fingerprint) {
+                    if !fingerprint_matches(h, fp) {
+                        f.rewritten = true;
+                        continue;
+                    }
+                }
+            }
             f.at_eof = false;
             match self.read_some(f) {
                 Ok(0) => {
@@ -988,6 +1007,17 @@ impl Follower {
                         ino: meta.ino(),
                     };
                     if let Some(f) = self.files.get_mut(&(si, key)) {
+                        let ghost = f
+                            .file
+                            .as_ref()
+                            .and_then(|h| h.metadata().ok())
+                            .is_some_and(|m| m.nlink() == 0);
+                        if ghost {
+                            // The inode number of a deleted file we still drain was reused
+                            // by a new file at once (ext4, tmpfs do that). The new file is
+                            // picked up once the old one is drained and closed.
+                            continue;
+                        }
                         f.seen_round = round;
                         if f.path != path {
                             // Renamed, unless the old path still names this file too (a hard
@@ -1031,7 +1061,12 @@ impl Follower {
                 dev: m.dev(),
                 ino: m.ino(),
             });
-            if now_there != Some(f.key) || f.seen_round != round {
+            let unlinked = f
+                .file
+                .as_ref()
+                .and_then(|h| h.metadata().ok())
+                .is_some_and(|m| m.nlink() == 0);
+            if unlinked || now_there != Some(f.key) || f.seen_round != round {
                 let deleted = f
                     .file
                     .as_ref()
@@ -1380,5 +1415,7 @@ pub fn run_thread(
     }
 }
 
+#[cfg(test)]
+mod model_tests;
 #[cfg(test)]
 mod tests;

@@ -201,7 +201,7 @@ fn start_point_rules() {
         )),
         (4, 0, false)
     );
-    // Other content under the same inode: from 0, next generation.
+    // Other content under the same inode: from 0 (a new mark field, its own generations).
     let other = Fingerprint { len: 4, hash: 8 };
     assert_eq!(
         at(start_point(
@@ -213,7 +213,20 @@ fn start_point_rules() {
             StartAt::Beginning,
             end
         )),
-        (4, 0, false)
+        (0, 0, false)
+    );
+    // ... unless that content was published already (inode reused, then a crash).
+    assert_eq!(
+        at(start_point(
+            Some(&cp),
+            Some(other),
+            Some((0, 40)),
+            200,
+            true,
+            StartAt::Beginning,
+            end
+        )),
+        (0, 40, true)
     );
     // No checkpoint: start_at applies at startup only.
     assert_eq!(
