@@ -35,7 +35,6 @@ pub struct Worker {
     maxlen: u64,
     metadata: bool,
     max_line_bytes: usize,
-    sha: String,
 }
 
 impl Worker {
@@ -51,29 +50,18 @@ impl Worker {
             maxlen: cfg.redis.maxlen,
             metadata: cfg.redis.metadata,
             max_line_bytes: cfg.agent.max_line_bytes,
-            sha: publish::script().get_hash().to_string(),
         }
     }
 
-    /// Turns a batch into one script call plus its dead letters.
+    /// Turns a batch into one XADD per record, plus its dead letters.
     pub fn parse(&mut self, batch: &Batch) -> Parsed {
         let si = batch.file.source;
         let src = &self.sources[si];
         let parser = &mut self.parsers[si];
-        let (stream, marks) = &self.streams[si];
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&self.sha)
-            .arg(2)
-            .arg(stream)
-            .arg(marks)
-            .arg(&batch.file.mark_field)
-            .arg(batch.file.generation)
-            .arg(batch.end)
-            .arg(self.maxlen)
-            .arg(batch.start)
-            .arg(if batch.expect_mark { "0" } else { "1" });
+        let (stream, _) = &self.streams[si];
+        let mut xadds = Vec::with_capacity(batch.spans.len());
+        let mut offsets = Vec::with_capacity(batch.spans.len());
         let mut dead = Vec::new();
-        let mut entries = 0u32;
         let mut dropped = 0u32;
         let mut fields = Fields::new();
         let mut uid = String::with_capacity(batch.file.uid_prefix.len() + 20);
@@ -113,7 +101,10 @@ impl Worker {
                 continue;
             }
             let mut out = Out {
-                cmd: &mut cmd,
+                xadds: &mut xadds,
+                offsets: &mut offsets,
+                stream,
+                maxlen: self.maxlen,
                 dead: &mut dead,
                 uid: &mut uid,
                 wire: &mut wire,
@@ -160,7 +151,7 @@ impl Worker {
                 },
             };
             match outcome {
-                Outcome::Entry => entries += 1,
+                Outcome::Entry => {}
                 Outcome::Dropped => dropped += 1,
                 Outcome::Dead => {}
             }
@@ -171,8 +162,9 @@ impl Worker {
             file: batch.file.clone(),
             start: batch.start,
             end: batch.end,
-            cmd,
-            entries,
+            expect_mark: batch.expect_mark,
+            xadds,
+            offsets,
             wire_bytes: wire + 64,
             dead,
             read_bytes: batch.end - batch.start,
@@ -195,7 +187,10 @@ struct EntryCtx<'c> {
 }
 
 struct Out<'o> {
-    cmd: &'o mut redis::Cmd,
+    xadds: &'o mut Vec<redis::Cmd>,
+    offsets: &'o mut Vec<u64>,
+    stream: &'o str,
+    maxlen: u64,
     dead: &'o mut Vec<DeadRecord>,
     uid: &'o mut String,
     wire: &'o mut usize,
@@ -242,8 +237,12 @@ fn encode_entry<'t>(
         + fields.len()
         + src.fields.len()
         + ts.is_some() as usize;
-    let cmd = &mut *out.cmd;
-    cmd.arg(offset).arg(nf);
+    let mut cmd = redis::Cmd::with_capacity(6 + 2 * nf, text.len() + 64 * nf);
+    cmd.arg("XADD").arg(out.stream);
+    if out.maxlen > 0 {
+        cmd.arg("MAXLEN").arg("~").arg(out.maxlen);
+    }
+    cmd.arg("*");
     cmd.arg("message").arg(text.as_bytes());
     *out.wire += text.len() + 16 * nf;
     if ctx.metadata {
@@ -270,6 +269,8 @@ fn encode_entry<'t>(
     if let Some(ts) = &ts {
         cmd.arg("event.timestamp").arg(ts);
     }
+    out.xadds.push(cmd);
+    out.offsets.push(offset);
     Outcome::Entry
 }
 

@@ -1,11 +1,16 @@
 //! The publisher: puts parsed batches back in file order, writes dead letters, and applies
-//! each batch to Redis with one atomic script call that also moves the file's high-water
-//! mark. The protocol is described in docs/exactly-once.md.
+//! them to Redis. The protocol is described in docs/exactly-once.md.
 //!
-//! Batches are pipelined: every batch ready when the previous pipeline was acknowledged
-//! goes out in the next one, so batches grow under load and a lone line leaves at once.
+//! All ready batches go out in one pipeline; within it, each file's batches form one
+//! `MULTI … XADD … HSET <mark> … EXEC` transaction, so a file's entries and its high-water
+//! mark land together or not at all. Batches grow under load by themselves: the next
+//! pipeline leaves as soon as the previous one is acknowledged, with whatever is ready.
+//!
+//! Nothing is read back on the happy path. When a pipeline's outcome is unknown (the
+//! connection dropped, a timeout), the publisher reconnects, reads the marks of the files
+//! involved, and resends only what they do not cover.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,82 +19,10 @@ use redis::{AsyncConnectionConfig, RedisError, Value};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{marks_key, Config};
 use crate::deadletter;
 use crate::record::{DeadClass, DeadRecord, FileInfo, Parsed};
 use crate::stats::{add, STATS};
-
-/// ARGV: 1 mark field, 2 generation, 3 end offset, 4 maxlen, 5 start offset, 6 force,
-/// then per entry: offset, number of field pairs, the pairs.
-/// Returns {added, skipped, previous generation, previous offset} (-1 when no mark).
-///
-/// Refuses (REDTAILGAP) a batch that would leave a hole: one that starts past the mark, or
-/// past 0 in a generation Redis has not seen. That happens when an earlier batch of the
-/// same file failed inside the same pipeline (OOM on one call) — applying the later one
-/// would move the mark over the failed one and lose it — or when Redis lost data. The
-/// publisher tells the two apart and forces the batch through only in the second case.
-pub const SCRIPT: &str = r#"#!lua
-local stream, marks = KEYS[1], KEYS[2]
-local field = ARGV[1]
-local gen = tonumber(ARGV[2])
-local endoff = tonumber(ARGV[3])
-local maxlen = tonumber(ARGV[4])
-local start = tonumber(ARGV[5])
-local force = ARGV[6] == '1'
-local t = redis.call('TYPE', stream)['ok']
-if t ~= 'stream' and t ~= 'none' then
-  return redis.error_reply('WRONGTYPE redtail: key ' .. stream .. ' holds a ' .. t .. ', not a stream')
-end
-local pg, po = -1, -1
-local mark = redis.call('HGET', marks, field)
-if mark then
-  local sep = string.find(mark, ':', 1, true)
-  pg = tonumber(string.sub(mark, 1, sep - 1))
-  po = tonumber(string.sub(mark, sep + 1))
-end
-if not force and start > 0 and (gen > pg or (gen == pg and start > po)) then
-  return redis.error_reply('REDTAILGAP ' .. pg .. ' ' .. po)
-end
-local added, skipped = 0, 0
-local args = {}
-local base = 1
-if maxlen > 0 then
-  args[1] = 'MAXLEN'; args[2] = '~'; args[3] = ARGV[4]; args[4] = '*'; base = 4
-else
-  args[1] = '*'
-end
-local last = base
-local i, n = 7, #ARGV
-while i <= n do
-  local off = tonumber(ARGV[i])
-  local nf2 = 2 * tonumber(ARGV[i + 1])
-  if gen > pg or (gen == pg and off >= po) then
-    for j = 1, nf2 do args[base + j] = ARGV[i + 1 + j] end
-    for j = base + nf2 + 1, last do args[j] = nil end
-    last = base + nf2
-    redis.call('XADD', stream, unpack(args, 1, last))
-    added = added + 1
-  else
-    skipped = skipped + 1
-  end
-  i = i + 2 + nf2
-end
-if gen > pg or (gen == pg and endoff > po) then
-  redis.call('HSET', marks, field, ARGV[2] .. ':' .. ARGV[3])
-end
-return {added, skipped, pg, po}
-"#;
-
-/// Index of the first entry argument in the script call: EVALSHA sha numkeys stream marks,
-/// then the six fixed ARGV.
-const FIRST_ENTRY_ARG: usize = 5 + 6;
-
-/// The script, hashed once.
-pub fn script() -> &'static redis::Script {
-    static S: std::sync::LazyLock<redis::Script> =
-        std::sync::LazyLock::new(|| redis::Script::new(SCRIPT));
-    &S
-}
 
 /// An acknowledged batch: the checkpoint may move to `end`.
 #[derive(Debug, Clone)]
@@ -116,7 +49,7 @@ pub fn is_transient(e: &RedisError) -> bool {
                 | "MASTERDOWN"
                 | "READONLY"
                 | "OOM"
-                | "NOSCRIPT"
+                | "EXECABORT"
                 | "NOREPLICAS"
                 | "MOVED"
                 | "ASK"
@@ -134,9 +67,6 @@ pub struct Backoff {
 impl Backoff {
     pub fn new(max: Duration) -> Self {
         Backoff { attempt: 0, max }
-    }
-    pub fn reset(&mut self) {
-        self.attempt = 0;
     }
     pub fn attempts(&self) -> u32 {
         self.attempt
@@ -168,6 +98,7 @@ pub struct Publisher {
     pub dlq: deadletter::Writer,
     pub source_names: Vec<String>,
     pub parser_names: Vec<String>,
+    pub marks_keys: Vec<String>,
     conn: Option<MultiplexedConnection>,
     gap_reported: HashSet<String>,
 }
@@ -200,6 +131,7 @@ impl Publisher {
                 .iter()
                 .map(|s| s.parser.name().to_string())
                 .collect(),
+            marks_keys: cfg.sources.iter().map(|s| marks_key(&s.stream)).collect(),
             conn: None,
             gap_reported: HashSet::new(),
         })
@@ -207,15 +139,9 @@ impl Publisher {
 
     async fn connect(&mut self) -> Result<&mut MultiplexedConnection, RedisError> {
         if self.conn.is_none() {
-            let mut c = self
+            let c = self
                 .client
                 .get_multiplexed_async_connection_with_config(&self.conn_cfg)
-                .await?;
-            // Load once per connection; EVALSHA then costs only the hash on the wire.
-            let _: String = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(SCRIPT)
-                .query_async(&mut c)
                 .await?;
             self.conn = Some(c);
         }
@@ -258,7 +184,7 @@ impl Publisher {
             let mut entries = 0usize;
             let mut bytes = 0usize;
             while let Some(p) = reorder.remove(&next_seq) {
-                entries += p.entries as usize;
+                entries += p.xadds.len();
                 bytes += p.wire_bytes;
                 next_seq += 1;
                 group.push(p);
@@ -282,36 +208,31 @@ impl Publisher {
         }
     }
 
-    fn write_dead(&mut self, p: &Parsed, recs: &[DeadRecord]) -> std::io::Result<()> {
-        let source = &self.source_names[p.file.source];
-        let parser = &self.parser_names[p.file.source];
+    fn write_dead(&mut self, file: &FileInfo, recs: &[DeadRecord]) -> std::io::Result<()> {
+        let source = &self.source_names[file.source];
+        let parser = &self.parser_names[file.source];
         for r in recs {
-            let e = self.dlq.entry(source, parser, &p.file, r, 1);
+            let e = self.dlq.entry(source, parser, file, r, 1);
             self.dlq.append(&e)?;
         }
         Ok(())
     }
 
-    /// Writes dead letters (fsynced), then applies every batch in one pipeline; retries
-    /// transient failures until they pass.
+    /// Dead letters first (fsynced: a checkpoint must never pass a record that is neither in
+    /// Redis nor on disk), then one pipeline; transient failures are retried until they pass.
     async fn publish_group(&mut self, group: &mut [Parsed]) -> anyhow::Result<()> {
         let mut any_dead = false;
-        for i in 0..group.len() {
-            if group[i].dead.is_empty() {
+        for p in group.iter_mut() {
+            if p.dead.is_empty() {
                 continue;
             }
             any_dead = true;
-            let dead = std::mem::take(&mut group[i].dead);
+            let dead = std::mem::take(&mut p.dead);
             let mut backoff = Backoff::new(self.retry_max_backoff);
-            loop {
-                match self.write_dead(&group[i], &dead) {
-                    Ok(()) => break,
-                    Err(e) => {
-                        let d = backoff.next_delay();
-                        error!(path = %self.dlq_path_display(), error = %e, retry_in = ?d, "cannot write the dead-letter file; holding the pipeline");
-                        tokio::time::sleep(d).await;
-                    }
-                }
+            while let Err(e) = self.write_dead(&p.file, &dead) {
+                let d = backoff.next_delay();
+                error!(error = %e, retry_in = ?d, "cannot write the dead-letter file; holding the pipeline");
+                tokio::time::sleep(d).await;
             }
         }
         if any_dead {
@@ -323,107 +244,101 @@ impl Publisher {
             }
         }
 
-        let mut force: HashSet<usize> = HashSet::new();
-        let mut rejected: HashSet<usize> = HashSet::new();
+        // One transaction per file, its batches in order.
+        let mut files: Vec<Txn> = Vec::new();
+        let mut by_field: HashMap<&str, usize> = HashMap::new();
+        for (i, p) in group.iter().enumerate() {
+            let t = *by_field
+                .entry(p.file.mark_field.as_str())
+                .or_insert_with(|| {
+                    files.push(Txn {
+                        batches: Vec::new(),
+                        state: TxnState::Pending,
+                    });
+                    files.len() - 1
+                });
+            files[t].batches.push(i);
+        }
         let mut backoff = Backoff::new(self.retry_max_backoff);
+        // After an uncertain failure, what Redis holds must be read before resending.
+        let mut uncertain = false;
         loop {
+            if uncertain {
+                match self.reconcile(group, &mut files).await {
+                    Ok(()) => uncertain = false,
+                    Err(e) => {
+                        self.transient_pause(&mut backoff, &e).await?;
+                        continue;
+                    }
+                }
+            }
+            let pending: Vec<usize> = (0..files.len())
+                .filter(|&t| files[t].state == TxnState::Pending)
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            let mut idx = Vec::new();
-            for (i, p) in group.iter().enumerate() {
-                if rejected.contains(&i) {
-                    continue;
+            for &t in &pending {
+                let last = &group[*files[t].batches.last().unwrap()];
+                pipe.cmd("MULTI").ignore();
+                for &b in &files[t].batches {
+                    for c in &group[b].xadds {
+                        pipe.add_command(c.clone()).ignore();
+                    }
                 }
-                if force.contains(&i) {
-                    pipe.add_command(forced(&p.cmd));
-                } else {
-                    pipe.add_command(p.cmd.clone());
-                }
-                idx.push(i);
-            }
-            if idx.is_empty() {
-                return Ok(());
+                pipe.cmd("HSET")
+                    .arg(&self.marks_keys[last.file.source])
+                    .arg(&last.file.mark_field)
+                    .arg(format!("{}:{}", last.file.generation, last.end))
+                    .ignore();
+                pipe.cmd("EXEC");
             }
             let result: Result<Vec<Value>, RedisError> = match self.connect().await {
                 Ok(c) => pipe.query_async(c).await,
                 Err(e) => Err(e),
             };
+            drop(pipe);
             let replies = match result {
                 Ok(v) => v,
                 Err(e) => {
+                    uncertain = true;
                     self.transient_pause(&mut backoff, &e).await?;
                     continue;
                 }
             };
-            let mut retry_err: Option<RedisError> = None;
-            let mut failed_files: HashSet<&str> = HashSet::new();
-            for (reply, &i) in replies.into_iter().zip(&idx) {
-                let p = &group[i];
+            let mut retry: Option<RedisError> = None;
+            for (reply, &t) in replies.into_iter().zip(&pending) {
                 match reply {
+                    Value::Array(items) => {
+                        self.applied(group, &files[t], &items);
+                        files[t].state = TxnState::Done;
+                    }
                     Value::ServerError(se) => {
+                        // EXECABORT (a command refused while queued: OOM, …): nothing of
+                        // this file's transaction applied; it is sent again.
                         let e: RedisError = se.into();
-                        let gap = e.code() == Some("REDTAILGAP");
-                        if gap && !failed_files.contains(p.file.mark_field.as_str()) {
-                            // Nothing before it failed: Redis really lacks what the checkpoint
-                            // says it holds. The documented rule: say so loudly, don't
-                            // republish history, continue from the checkpoint.
-                            self.report_gap(p, e.detail().unwrap_or(""));
-                            force.insert(i);
-                            retry_err.get_or_insert(e);
-                        } else if is_transient(&e) {
-                            failed_files.insert(p.file.mark_field.as_str());
-                            retry_err.get_or_insert(e);
+                        if is_transient(&e) {
+                            retry.get_or_insert(e);
                         } else {
-                            error!(
-                                stream = %stream_of(&p.cmd),
-                                path = %p.file.path,
-                                entries = p.entries,
-                                error = %e,
-                                "Redis rejected a batch permanently; its records go to the dead-letter file"
-                            );
-                            self.reject(p, &e.to_string());
-                            rejected.insert(i);
-                            failed_files.insert(p.file.mark_field.as_str());
-                            retry_err.get_or_insert(e);
+                            self.reject_txn(group, &files[t], &e.to_string());
+                            files[t].state = TxnState::Rejected;
+                            uncertain = true;
                         }
                     }
-                    v => self.record_reply(p, &v),
-                }
-            }
-            if retry_err.is_none() && !rejected.is_empty() {
-                // Move the marks past what was dead-lettered, so the file's next batch
-                // does not look like a gap.
-                let mut fix = redis::pipe();
-                for &i in &rejected {
-                    let a = simple_args(&group[i].cmd);
-                    fix.cmd("HSET").arg(a[4]).arg(a[5]).arg(format!(
-                        "{}:{}",
-                        String::from_utf8_lossy(a[6]),
-                        String::from_utf8_lossy(a[7])
-                    ));
-                }
-                let r: Result<Value, RedisError> = match self.connect().await {
-                    Ok(c) => fix.query_async(c).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = r {
-                    self.transient_pause(&mut backoff, &e).await?;
-                    continue;
-                }
-                rejected.clear();
-                break;
-            }
-            match retry_err {
-                None => break,
-                Some(e) => {
-                    // Everything that landed is a no-op when resent; only the failed part and
-                    // what follows it in the same file is really written again.
-                    if !is_transient(&e) || e.code() == Some("REDTAILGAP") {
-                        backoff.reset();
-                        continue;
+                    other => {
+                        // Nil: aborted (nothing applied).
+                        retry.get_or_insert(RedisError::from((
+                            redis::ErrorKind::Client,
+                            "transaction aborted",
+                            format!("{other:?}"),
+                        )));
                     }
-                    self.transient_pause(&mut backoff, &e).await?;
                 }
+            }
+            if let Some(e) = retry {
+                self.transient_pause(&mut backoff, &e).await?;
             }
         }
         if self.wait_replicas > 0 {
@@ -449,8 +364,136 @@ impl Publisher {
         Ok(())
     }
 
-    fn dlq_path_display(&self) -> String {
-        "dead-letter file".into()
+    /// An EXEC reply: count what landed; entries Redis refused at run time (the transaction
+    /// still applied, mark included) go to the dead-letter file.
+    fn applied(&mut self, group: &[Parsed], txn: &Txn, items: &[Value]) {
+        let mut i = 0;
+        let mut added = 0u64;
+        for &b in &txn.batches {
+            let p = &group[b];
+            let mut refused = Vec::new();
+            for (k, c) in p.xadds.iter().enumerate() {
+                match items.get(i) {
+                    Some(Value::ServerError(se)) => {
+                        let msg =
+                            format!("Redis rejected the entry: {}", RedisError::from(se.clone()));
+                        refused.push(rejected_record(c, p.offsets[k], msg));
+                    }
+                    _ => added += 1,
+                }
+                i += 1;
+            }
+            if !refused.is_empty() {
+                error!(path = %p.file.path, entries = refused.len(), "Redis rejected entries; they go to the dead-letter file");
+                if let Err(e) = self
+                    .write_dead(&p.file, &refused)
+                    .and_then(|_| self.dlq.sync())
+                {
+                    error!(error = %e, records = refused.len(), "cannot write rejected records to the dead-letter file; they are lost");
+                    add(&STATS.lost_bytes, refused.iter().map(|r| r.length).sum());
+                }
+            }
+        }
+        add(&STATS.entries_published, added);
+    }
+
+    /// A transaction refused as a whole (not transient): its records are dead-lettered and
+    /// its mark is moved past them (by `reconcile` on the next round).
+    fn reject_txn(&mut self, group: &[Parsed], txn: &Txn, err: &str) {
+        for &b in &txn.batches {
+            let p = &group[b];
+            error!(path = %p.file.path, entries = p.xadds.len(), error = %err, "Redis refused a batch permanently; its records go to the dead-letter file");
+            let recs: Vec<DeadRecord> = p
+                .xadds
+                .iter()
+                .zip(&p.offsets)
+                .map(|(c, &o)| rejected_record(c, o, format!("Redis rejected the batch: {err}")))
+                .collect();
+            if let Err(e) = self
+                .write_dead(&p.file, &recs)
+                .and_then(|_| self.dlq.sync())
+            {
+                error!(error = %e, records = recs.len(), "cannot write rejected records to the dead-letter file; they are lost");
+                add(&STATS.lost_bytes, recs.iter().map(|r| r.length).sum());
+            }
+        }
+    }
+
+    /// Reads the marks of every file still pending (or rejected) and decides, per batch,
+    /// what Redis already holds. Also where a loss on the Redis side shows up.
+    async fn reconcile(
+        &mut self,
+        group: &mut [Parsed],
+        files: &mut [Txn],
+    ) -> Result<(), RedisError> {
+        let todo: Vec<usize> = (0..files.len())
+            .filter(|&t| files[t].state != TxnState::Done)
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for &t in &todo {
+            let f = &group[files[t].batches[0]].file;
+            pipe.cmd("HGET")
+                .arg(&self.marks_keys[f.source])
+                .arg(&f.mark_field);
+        }
+        let marks: Vec<Option<String>> = pipe.query_async(self.connect().await?).await?;
+        let mut fix = redis::pipe();
+        for (&t, mark) in todo.iter().zip(marks) {
+            let mark = mark.and_then(|v| {
+                let (g, o) = v.split_once(':')?;
+                Some((g.parse::<u32>().ok()?, o.parse::<u64>().ok()?))
+            });
+            let first = &group[files[t].batches[0]];
+            let last = &group[*files[t].batches.last().unwrap()];
+            if files[t].state == TxnState::Rejected {
+                // Dead-lettered: move the mark past it, so the file's next batch is not
+                // mistaken for a gap.
+                if mark.is_none_or(|m| m < (last.file.generation, last.end)) {
+                    fix.cmd("HSET")
+                        .arg(&self.marks_keys[last.file.source])
+                        .arg(&last.file.mark_field)
+                        .arg(format!("{}:{}", last.file.generation, last.end));
+                }
+                files[t].state = TxnState::Done;
+                continue;
+            }
+            let (g0, s0) = (first.file.generation, first.start);
+            match mark {
+                Some(m) if m >= (last.file.generation, last.end) => {
+                    // The transaction landed before the connection broke.
+                    let n: usize = files[t].batches.iter().map(|&b| group[b].xadds.len()).sum();
+                    add(&STATS.entries_skipped, n as u64);
+                    info!(path = %last.file.path, entries = n, "entries already in Redis (their reply was lost); not sent again");
+                    files[t].state = TxnState::Done;
+                }
+                Some(m) if m > (g0, s0) => {
+                    // Part of it is there (the follower started below the mark): drop
+                    // what the mark covers.
+                    for &b in &files[t].batches {
+                        let p = &mut group[b];
+                        let g = p.file.generation;
+                        let keep: Vec<bool> = p.offsets.iter().map(|&o| (g, o) >= m).collect();
+                        let before = p.xadds.len();
+                        let mut it = keep.iter();
+                        p.xadds.retain(|_| *it.next().unwrap());
+                        let mut it = keep.iter();
+                        p.offsets.retain(|_| *it.next().unwrap());
+                        add(&STATS.entries_skipped, (before - p.xadds.len()) as u64);
+                    }
+                }
+                m if s0 > 0 && first.expect_mark && m.is_none_or(|m| m < (g0, s0)) => {
+                    self.report_gap(first, m);
+                }
+                _ => {}
+            }
+        }
+        if !fix.is_empty() {
+            let _: Value = fix.query_async(self.connect().await?).await?;
+        }
+        Ok(())
     }
 
     async fn transient_pause(
@@ -463,7 +506,6 @@ impl Publisher {
             || e.is_connection_dropped()
             || e.is_timeout()
             || e.is_connection_refusal()
-            || e.code() == Some("NOSCRIPT")
         {
             self.conn = None;
         }
@@ -483,139 +525,73 @@ impl Publisher {
         Ok(())
     }
 
-    fn record_reply(&mut self, p: &Parsed, v: &Value) {
-        let nums: Vec<i64> = match v {
-            Value::Array(a) => a
-                .iter()
-                .map(|x| match x {
-                    Value::Int(i) => *i,
-                    _ => 0,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        if let [added, skipped, _pg, _po] = nums[..] {
-            add(&STATS.entries_published, added as u64);
-            if skipped > 0 {
-                add(&STATS.entries_skipped, skipped as u64);
-                info!(path = %p.file.path, skipped, "entries already in Redis skipped (replay after restart or reconnect)");
-            }
-        }
-    }
-
-    fn report_gap(&mut self, p: &Parsed, detail: &str) {
+    fn report_gap(&mut self, p: &Parsed, mark: Option<(u32, u64)>) {
         add(&STATS.redis_gaps, 1);
-        let mut it = detail.split_whitespace();
-        let pg: i64 = it.next().and_then(|s| s.parse().ok()).unwrap_or(-1);
-        let po: i64 = it.next().and_then(|s| s.parse().ok()).unwrap_or(-1);
-        if self.gap_reported.insert(p.file.mark_field.clone()) {
-            if pg < 0 {
-                error!(
-                    path = %p.file.path,
-                    checkpoint = p.start,
-                    "Redis has no high-water mark for this file although the local checkpoint says bytes 0..{} were published: Redis lost data (restart without persistence, FLUSHALL, failover to a stale replica?). Not republishing them (see docs/exactly-once.md); continuing from the checkpoint.",
-                    p.start
-                );
-            } else {
-                error!(
-                    path = %p.file.path,
-                    checkpoint = p.start,
-                    redis_mark = po,
-                    "Redis's high-water mark for this file is behind the local checkpoint: Redis lost bytes {}..{} (restored from an older snapshot?). Not republishing them; continuing from the checkpoint.",
-                    po.max(0),
-                    p.start
-                );
-            }
+        if !self.gap_reported.insert(p.file.mark_field.clone()) {
+            return;
         }
-    }
-
-    /// Dead-letters every entry of a batch Redis refused, recovering the records from the
-    /// script call's own arguments.
-    fn reject(&mut self, p: &Parsed, err: &str) {
-        let recs = entries_of(&p.cmd)
-            .into_iter()
-            .map(|(offset, message)| DeadRecord {
-                offset,
-                length: message.len() as u64,
-                class: DeadClass::Rejected,
-                error: format!("Redis rejected the entry: {err}"),
-                bytes: message,
-            })
-            .collect::<Vec<_>>();
-        if let Err(e) = self.write_dead(p, &recs).and_then(|_| self.dlq.sync()) {
-            error!(error = %e, records = recs.len(), "cannot write rejected records to the dead-letter file; they are lost");
-            add(&STATS.lost_bytes, recs.iter().map(|r| r.length).sum());
+        match mark {
+            None => error!(
+                path = %p.file.path,
+                checkpoint = p.start,
+                "Redis has no high-water mark for this file although bytes 0..{} were published: Redis lost data (restart without persistence, FLUSHALL, failover to a stale replica?). Not republishing them (see docs/exactly-once.md); continuing from {}.",
+                p.start,
+                p.start
+            ),
+            Some((_, po)) => error!(
+                path = %p.file.path,
+                checkpoint = p.start,
+                redis_mark = po,
+                "Redis's high-water mark for this file is behind what was published: Redis lost bytes {}..{} (restored from an older snapshot?). Not republishing them; continuing from {}.",
+                po,
+                p.start,
+                p.start
+            ),
         }
     }
 }
 
-fn stream_of(cmd: &redis::Cmd) -> String {
-    cmd.args_iter()
-        .nth(3)
-        .map(|a| match a {
-            redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-            _ => String::new(),
-        })
-        .unwrap_or_default()
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxnState {
+    Pending,
+    Done,
+    Rejected,
 }
 
-fn simple_args(cmd: &redis::Cmd) -> Vec<&[u8]> {
-    cmd.args_iter()
+/// The batches of one file in one pipeline: one MULTI/EXEC.
+struct Txn {
+    batches: Vec<usize>,
+    state: TxnState,
+}
+
+/// The field/value arguments of an XADD (after the `*` id).
+pub fn xadd_pairs(cmd: &redis::Cmd) -> Vec<&[u8]> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
         .filter_map(|a| match a {
             redis::Arg::Simple(b) => Some(b),
             _ => None,
         })
-        .collect()
-}
-
-/// Every entry of a script call: its offset and its field/value arguments.
-pub fn entry_args(cmd: &redis::Cmd) -> Vec<(u64, Vec<&[u8]>)> {
-    let args = simple_args(cmd);
-    let mut out = Vec::new();
-    let mut i = FIRST_ENTRY_ARG;
-    let num = |b: &[u8]| {
-        std::str::from_utf8(b)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-    };
-    while i + 1 < args.len() {
-        let (Some(off), Some(nf)) = (num(args[i]), num(args[i + 1])) else {
-            break;
-        };
-        let pairs = args[i + 2..(i + 2 + 2 * nf as usize).min(args.len())].to_vec();
-        out.push((off, pairs));
-        i += 2 + 2 * nf as usize;
+        .collect();
+    match args.iter().position(|a| *a == b"*") {
+        Some(i) => args[i + 1..].to_vec(),
+        None => Vec::new(),
     }
-    out
 }
 
-/// The (offset, message) of every entry in a script call.
-pub fn entries_of(cmd: &redis::Cmd) -> Vec<(u64, Vec<u8>)> {
-    entry_args(cmd)
-        .into_iter()
-        .map(|(off, pairs)| {
-            let msg = pairs
-                .chunks(2)
-                .find(|kv| kv[0] == b"message")
-                .and_then(|kv| kv.get(1))
-                .map(|v| v.to_vec())
-                .unwrap_or_default();
-            (off, msg)
-        })
-        .collect()
-}
-
-/// The same call with the force flag set (accept a gap the publisher has reported).
-fn forced(cmd: &redis::Cmd) -> redis::Cmd {
-    let mut c = redis::Cmd::new();
-    for (i, a) in cmd.args_iter().enumerate() {
-        if let redis::Arg::Simple(b) = a {
-            if i == FIRST_ENTRY_ARG - 1 {
-                c.arg("1");
-            } else {
-                c.arg(b);
-            }
-        }
+fn rejected_record(cmd: &redis::Cmd, offset: u64, error: String) -> DeadRecord {
+    let pairs = xadd_pairs(cmd);
+    let message = pairs
+        .chunks(2)
+        .find(|kv| kv[0] == b"message")
+        .and_then(|kv| kv.get(1))
+        .map(|v| v.to_vec())
+        .unwrap_or_default();
+    DeadRecord {
+        offset,
+        length: message.len() as u64,
+        class: DeadClass::Rejected,
+        error,
+        bytes: message,
     }
-    c
 }

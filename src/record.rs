@@ -123,15 +123,17 @@ pub struct DeadRecord {
     pub bytes: Vec<u8>,
 }
 
-/// A parsed batch, ready for Redis: one script call covering all its entries and the mark.
+/// A parsed batch, ready for Redis: one XADD per record that parsed.
 pub struct Parsed {
     pub seq: u64,
     pub file: Arc<FileInfo>,
     pub start: u64,
     pub end: u64,
-    /// `EVALSHA` of the publish script with every entry of the batch.
-    pub cmd: redis::Cmd,
-    pub entries: u32,
+    /// Redis should already hold a mark at `start` (see [`Batch::expect_mark`]).
+    pub expect_mark: bool,
+    pub xadds: Vec<redis::Cmd>,
+    /// File offset of each XADD's record.
+    pub offsets: Vec<u64>,
     /// Approximate wire size, for batching.
     pub wire_bytes: usize,
     pub dead: Vec<DeadRecord>,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::config::{marks_key, Config};
 use crate::deadletter::{self, Entry};
 use crate::pipeline::Worker;
-use crate::publish::{entry_args, is_transient, Backoff};
+use crate::publish::{is_transient, xadd_pairs, Backoff};
 use crate::record::{Batch, FileInfo, FileKey, Fingerprint, Span, SpanKind};
 
 fn load(cfg: &Config) -> anyhow::Result<Vec<Entry>> {
@@ -40,7 +40,7 @@ pub fn dlq_stats(path: &Path) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(out, "{:>8}  {:<12} {:<9} ERROR", "COUNT", "SOURCE", "CLASS")?;
     let mut rows: Vec<_> = by.into_iter().collect();
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
     for ((src, class, err), n) in rows {
         writeln!(out, "{n:>8}  {src:<12} {class:<9} {err}")?;
     }
@@ -185,7 +185,7 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
             keep.push(e);
             continue;
         }
-        if parsed.entries == 0 {
+        if parsed.xadds.is_empty() {
             // Dropped by the source's filter now: counted as replayed (it is accounted for).
             replayable += 1;
             continue;
@@ -201,7 +201,7 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
                 .arg(cfg.redis.maxlen);
             c
         });
-        for (_, pairs) in entry_args(&parsed.cmd) {
+        for pairs in parsed.xadds.iter().map(xadd_pairs) {
             call.arg(format!("dlq:{}:{}:{}", e.file_id, e.generation, e.offset))
                 .arg(pairs.len() / 2);
             for p in pairs {

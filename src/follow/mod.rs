@@ -67,7 +67,8 @@ impl Options {
         let a = &cfg.agent;
         Options {
             read_chunk: a.read_chunk_bytes,
-            max_batch_bytes: (cfg.redis.batch_max_bytes / 2).clamp(64 << 10, 4 << 20),
+            // Small batches keep memory low; the publisher still sends many per pipeline.
+            max_batch_bytes: (cfg.redis.batch_max_bytes / 32).clamp(16 << 10, 1 << 20),
             line_cap: a.dead_letter_line_cap.max(a.max_line_bytes),
             rotate_wait: a.rotate_wait,
             partial_timeout: (!a.partial_line_timeout.is_zero()).then_some(a.partial_line_timeout),
@@ -1152,6 +1153,18 @@ impl Follower {
             self.sources[si].start_at,
             || end_boundary(&file, meta.len()),
         );
+        if let Some(cp) = cp.filter(|c| c.offset > 0 && current_fp == Some(c.fingerprint)) {
+            if mark.is_none_or(|m| m < (cp.generation, cp.offset)) {
+                add(&STATS.redis_gaps, 1);
+                error!(
+                    path = %path.display(),
+                    checkpoint = cp.offset,
+                    redis_mark = ?mark,
+                    "Redis has no high-water mark (or an older one) for this file although the checkpoint says bytes up to {} were published: Redis lost data (restart without persistence, FLUSHALL, failover?). Not republishing them (see docs/exactly-once.md); continuing from the checkpoint.",
+                    cp.offset
+                );
+            }
+        }
         if cp.is_some() && !start.resumed && start.offset == 0 {
             warn!(path = %path.display(), "checkpoint does not match the file any more (truncated, rewritten or inode reused); reading it from the start");
         }

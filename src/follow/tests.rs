@@ -128,7 +128,7 @@ fn truncation_starts_again_at_zero_with_next_generation() {
     append(&p, "aaaa\nbbbb\n");
     let mut f = Follower::new(opts(false), spec(d.path()), vec![], Box::new(NoMarks));
     let mut gens = vec![];
-    let mut tick = |f: &mut Follower, gens: &mut Vec<(u32, u64, String)>| {
+    let tick = |f: &mut Follower, gens: &mut Vec<(u32, u64, String)>| {
         for _ in 0..10 {
             let mut sink = |b: Batch| {
                 for s in &b.spans {
