@@ -10,7 +10,7 @@
 //! connection dropped, a timeout), the publisher reconnects, reads the marks of the files
 //! involved, and resends only what they do not cover.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,6 +100,10 @@ pub struct Publisher {
     pub parser_names: Vec<String>,
     pub marks_keys: Vec<String>,
     conn: Option<MultiplexedConnection>,
+    /// Server-side id of `conn`.
+    conn_id: Option<i64>,
+    /// Ids of dropped connections whose last pipeline may still sit unread in Redis.
+    stale_ids: Vec<i64>,
     gap_reported: HashSet<String>,
 }
 
@@ -133,16 +137,24 @@ impl Publisher {
                 .collect(),
             marks_keys: cfg.sources.iter().map(|s| marks_key(&s.stream)).collect(),
             conn: None,
+            conn_id: None,
+            stale_ids: Vec::new(),
             gap_reported: HashSet::new(),
         })
     }
 
     async fn connect(&mut self) -> Result<&mut MultiplexedConnection, RedisError> {
         if self.conn.is_none() {
-            let c = self
+            let mut c = self
                 .client
                 .get_multiplexed_async_connection_with_config(&self.conn_cfg)
                 .await?;
+            // Kept so that a later connection can fence this one off (see `reconcile`).
+            self.conn_id = redis::cmd("CLIENT")
+                .arg("ID")
+                .query_async(&mut c)
+                .await
+                .ok();
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().unwrap())
@@ -150,6 +162,10 @@ impl Publisher {
 
     /// Runs until `rx` is closed and everything received is published (or `abort` fires).
     /// Sends one ack per batch, in order, to `acks`.
+    ///
+    /// Two pipelines may be in flight on the one connection, so Redis works on one while the
+    /// reply of the other is read and the next is built. Any failure drops back to one
+    /// pipeline at a time, through the careful path in [`Publisher::finish`].
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Parsed>,
@@ -159,12 +175,59 @@ impl Publisher {
         let mut reorder: BTreeMap<u64, Parsed> = BTreeMap::new();
         let mut next_seq = 0u64;
         let mut closed = false;
+        let mut flights: VecDeque<Flight> = VecDeque::new();
+        let ack = |group: Vec<Parsed>| {
+            for p in group {
+                let _ = acks.send(Ack {
+                    file: p.file,
+                    end: p.end,
+                    read_bytes: p.read_bytes,
+                    lines: p.lines,
+                });
+            }
+        };
         loop {
-            // Wait until the next batch in order is here (or the input is done).
-            while !reorder.contains_key(&next_seq) {
+            // Whatever is queued already joins the next pipeline.
+            while let Ok(p) = rx.try_recv() {
+                reorder.insert(p.seq, p);
+            }
+            let can_send = flights.len() < 2 && flights.iter().all(|f| f.reply.is_some());
+            if can_send && reorder.contains_key(&next_seq) {
+                let mut group = Vec::new();
+                let mut entries = 0usize;
+                let mut bytes = 0usize;
+                while let Some(p) = reorder.remove(&next_seq) {
+                    entries += p.xadds.len();
+                    bytes += p.wire_bytes;
+                    next_seq += 1;
+                    group.push(p);
+                    if entries >= self.max_entries || bytes >= self.max_bytes {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    r = self.write_group_dead(&mut group) => r,
+                    _ = abort.changed() => return Ok(()),
+                }
+                let txns = txns_of(&group);
+                let pending: Vec<usize> = (0..txns.len()).collect();
+                let pipe = self.build_pipe(&group, &txns, &pending);
+                let reply = match self.connect().await {
+                    Ok(c) => {
+                        let mut c = c.clone();
+                        Some(tokio::spawn(async move {
+                            pipe.query_async::<Vec<Value>>(&mut c).await
+                        }))
+                    }
+                    Err(_) => None,
+                };
+                flights.push_back(Flight { group, txns, reply });
+                continue;
+            }
+            if flights.is_empty() {
                 if closed {
                     if !reorder.is_empty() {
-                        anyhow::bail!("internal error: batches {:?}.. missing", next_seq);
+                        anyhow::bail!("internal error: batches {next_seq}.. missing");
                     }
                     return Ok(());
                 }
@@ -175,35 +238,97 @@ impl Publisher {
                     },
                     _ = abort.changed() => return Ok(()),
                 }
+                continue;
             }
-            // Take in more without waiting: whatever is already queued joins this pipeline.
-            while let Ok(p) = rx.try_recv() {
-                reorder.insert(p.seq, p);
-            }
-            let mut group = Vec::new();
-            let mut entries = 0usize;
-            let mut bytes = 0usize;
-            while let Some(p) = reorder.remove(&next_seq) {
-                entries += p.xadds.len();
-                bytes += p.wire_bytes;
-                next_seq += 1;
-                group.push(p);
-                if entries >= self.max_entries || bytes >= self.max_bytes {
-                    break;
+            // Wait for the oldest pipeline, or for input that could fill the free slot.
+            let can_take =
+                flights.len() < 2 && !closed && flights.iter().all(|f| f.reply.is_some());
+            let front = flights.front_mut().unwrap();
+            let result = tokio::select! {
+                r = async {
+                    match front.reply.as_mut() {
+                        Some(h) => h.await.unwrap_or_else(|e| Err(RedisError::from((
+                            redis::ErrorKind::Client, "publisher task failed", e.to_string())))),
+                        None => Err(RedisError::from((redis::ErrorKind::Io, "not connected"))),
+                    }
+                } => Some(r),
+                m = rx.recv(), if can_take => {
+                    match m {
+                        Some(p) => { reorder.insert(p.seq, p); }
+                        None => closed = true,
+                    }
+                    None
                 }
-            }
-            let published = tokio::select! {
-                r = self.publish_group(&mut group) => r,
                 _ = abort.changed() => return Ok(()),
             };
-            published?;
-            for p in group {
-                let _ = acks.send(Ack {
-                    file: p.file,
-                    end: p.end,
-                    read_bytes: p.read_bytes,
-                    lines: p.lines,
-                });
+            let Some(result) = result else { continue };
+            let Flight {
+                mut group,
+                mut txns,
+                ..
+            } = flights.pop_front().unwrap();
+            let all: Vec<usize> = (0..txns.len()).collect();
+            let outcome = match result {
+                Ok(replies) => self.apply_replies(&group, &mut txns, &all, replies),
+                Err(e) => Outcome::Uncertain(e),
+            };
+            if matches!(outcome, Outcome::Clean) {
+                self.wait_replicas_if_asked().await;
+                ack(group);
+                continue;
+            }
+            // Something failed: the pipeline behind this one may depend on it. Let it land,
+            // then finish both one at a time, reading the marks first where needed.
+            let mut rest = Vec::new();
+            while let Some(mut f) = flights.pop_front() {
+                let r = match f.reply.as_mut() {
+                    Some(h) => h.await.unwrap_or_else(|e| {
+                        Err(RedisError::from((
+                            redis::ErrorKind::Client,
+                            "publisher task failed",
+                            e.to_string(),
+                        )))
+                    }),
+                    None => Err(RedisError::from((redis::ErrorKind::Io, "not connected"))),
+                };
+                let all: Vec<usize> = (0..f.txns.len()).collect();
+                let o = match r {
+                    Ok(replies) => self.apply_replies(&f.group, &mut f.txns, &all, replies),
+                    Err(e) => Outcome::Uncertain(e),
+                };
+                rest.push((f, o));
+            }
+            let uncertain = match &outcome {
+                Outcome::Uncertain(e) => {
+                    add(&STATS.redis_retries, 1);
+                    warn!(error = %e, "Redis call failed; checking what Redis holds before sending again (nothing is lost)");
+                    if e.is_io_error()
+                        || e.is_connection_dropped()
+                        || e.is_timeout()
+                        || e.is_connection_refusal()
+                        || e.kind() == redis::ErrorKind::Io
+                    {
+                        self.drop_conn();
+                    }
+                    true
+                }
+                _ => false,
+            };
+            let done = tokio::select! {
+                r = self.finish(&mut group, &mut txns, uncertain) => r,
+                _ = abort.changed() => return Ok(()),
+            };
+            done?;
+            ack(group);
+            for (mut f, o) in rest {
+                // Whatever happened to it, it was sent after a failure: read the marks.
+                let _ = o;
+                let done = tokio::select! {
+                    r = self.finish(&mut f.group, &mut f.txns, true) => r,
+                    _ = abort.changed() => return Ok(()),
+                };
+                done?;
+                ack(f.group);
             }
         }
     }
@@ -218,9 +343,9 @@ impl Publisher {
         Ok(())
     }
 
-    /// Dead letters first (fsynced: a checkpoint must never pass a record that is neither in
-    /// Redis nor on disk), then one pipeline; transient failures are retried until they pass.
-    async fn publish_group(&mut self, group: &mut [Parsed]) -> anyhow::Result<()> {
+    /// Dead letters of a group, fsynced before the group's transactions are sent: a
+    /// checkpoint must never pass a record that is neither in Redis nor on disk.
+    async fn write_group_dead(&mut self, group: &mut [Parsed]) {
         let mut any_dead = false;
         for p in group.iter_mut() {
             if p.dead.is_empty() {
@@ -243,93 +368,68 @@ impl Publisher {
                 tokio::time::sleep(d).await;
             }
         }
+    }
 
-        // One transaction per file, its batches in order.
-        let mut files: Vec<Txn> = Vec::new();
-        let mut by_field: HashMap<&str, usize> = HashMap::new();
-        for (i, p) in group.iter().enumerate() {
-            let t = *by_field
-                .entry(p.file.mark_field.as_str())
-                .or_insert_with(|| {
-                    files.push(Txn {
-                        batches: Vec::new(),
-                        state: TxnState::Pending,
-                    });
-                    files.len() - 1
-                });
-            files[t].batches.push(i);
-        }
-        let mut backoff = Backoff::new(self.retry_max_backoff);
-        // After an uncertain failure, what Redis holds must be read before resending.
-        let mut uncertain = false;
-        loop {
-            if uncertain {
-                match self.reconcile(group, &mut files).await {
-                    Ok(()) => uncertain = false,
-                    Err(e) => {
-                        self.transient_pause(&mut backoff, &e).await?;
-                        continue;
-                    }
+    /// One MULTI/EXEC per pending transaction. A transaction that a later one overtook
+    /// (`no_mark`) is sent without its mark, which is already past it.
+    fn build_pipe(&self, group: &[Parsed], txns: &[Txn], pending: &[usize]) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for &t in pending {
+            let last = &group[*txns[t].batches.last().unwrap()];
+            pipe.cmd("MULTI").ignore();
+            for &b in &txns[t].batches {
+                for c in &group[b].xadds {
+                    pipe.add_command(c.clone()).ignore();
                 }
             }
-            let pending: Vec<usize> = (0..files.len())
-                .filter(|&t| files[t].state == TxnState::Pending)
-                .collect();
-            if pending.is_empty() {
-                break;
-            }
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for &t in &pending {
-                let last = &group[*files[t].batches.last().unwrap()];
-                pipe.cmd("MULTI").ignore();
-                for &b in &files[t].batches {
-                    for c in &group[b].xadds {
-                        pipe.add_command(c.clone()).ignore();
-                    }
-                }
+            if !txns[t].no_mark {
                 pipe.cmd("HSET")
                     .arg(&self.marks_keys[last.file.source])
                     .arg(&last.file.mark_field)
                     .arg(format!("{}:{}", last.file.generation, last.end))
                     .ignore();
-                pipe.cmd("EXEC");
             }
-            let result: Result<Vec<Value>, RedisError> = match self.connect().await {
-                Ok(c) => pipe.query_async(c).await,
-                Err(e) => Err(e),
-            };
-            drop(pipe);
-            let replies = match result {
-                Ok(v) => v,
-                Err(e) => {
-                    uncertain = true;
-                    self.transient_pause(&mut backoff, &e).await?;
-                    continue;
+            pipe.cmd("EXEC");
+        }
+        pipe
+    }
+
+    /// Reads the EXEC replies of `pending` transactions and sets their states.
+    fn apply_replies(
+        &mut self,
+        group: &[Parsed],
+        txns: &mut [Txn],
+        pending: &[usize],
+        replies: Vec<Value>,
+    ) -> Outcome {
+        let mut outcome = Outcome::Clean;
+        for (reply, &t) in replies.into_iter().zip(pending) {
+            match reply {
+                Value::Array(items) => {
+                    self.applied(group, &txns[t], &items);
+                    txns[t].state = TxnState::Done;
                 }
-            };
-            let mut retry: Option<RedisError> = None;
-            for (reply, &t) in replies.into_iter().zip(&pending) {
-                match reply {
-                    Value::Array(items) => {
-                        self.applied(group, &files[t], &items);
-                        files[t].state = TxnState::Done;
-                    }
-                    Value::ServerError(se) => {
-                        // EXECABORT (a command refused while queued: OOM, …): nothing of
-                        // this file's transaction applied; it is sent again.
-                        let e: RedisError = se.into();
-                        if is_transient(&e) {
-                            retry.get_or_insert(e);
-                        } else {
-                            self.reject_txn(group, &files[t], &e.to_string());
-                            files[t].state = TxnState::Rejected;
-                            uncertain = true;
+                Value::ServerError(se) => {
+                    // EXECABORT (a command refused while queued: OOM, …): nothing of this
+                    // file's transaction applied; it is sent again.
+                    let e: RedisError = se.into();
+                    if is_transient(&e) {
+                        txns[t].aborted = true;
+                        if matches!(outcome, Outcome::Clean) {
+                            outcome = Outcome::Retry(e);
                         }
+                    } else {
+                        self.reject_txn(group, &txns[t], &e.to_string());
+                        txns[t].state = TxnState::Rejected;
+                        outcome = Outcome::Uncertain(e);
                     }
-                    other => {
-                        // Nil: aborted (nothing applied).
-                        retry.get_or_insert(RedisError::from((
+                }
+                other => {
+                    // Nil: aborted (nothing applied).
+                    txns[t].aborted = true;
+                    if matches!(outcome, Outcome::Clean) {
+                        outcome = Outcome::Retry(RedisError::from((
                             redis::ErrorKind::Client,
                             "transaction aborted",
                             format!("{other:?}"),
@@ -337,31 +437,85 @@ impl Publisher {
                     }
                 }
             }
-            if let Some(e) = retry {
-                self.transient_pause(&mut backoff, &e).await?;
-            }
         }
-        if self.wait_replicas > 0 {
-            if let Some(c) = self.conn.as_mut() {
-                let r: Result<i64, _> = redis::cmd("WAIT")
-                    .arg(self.wait_replicas)
-                    .arg(self.wait_timeout.as_millis() as u64)
-                    .query_async(c)
-                    .await;
-                match r {
-                    Ok(n) if n < self.wait_replicas as i64 => {
-                        warn!(
-                            acked = n,
-                            wanted = self.wait_replicas,
-                            "fewer replicas than redis.wait_replicas acknowledged the batch"
-                        )
+        outcome
+    }
+
+    /// The careful path: sends what is still pending, one pipeline at a time, reading the
+    /// marks first after an uncertain failure; transient failures are retried until they
+    /// pass (or `redis.retry_limit`).
+    async fn finish(
+        &mut self,
+        group: &mut [Parsed],
+        txns: &mut [Txn],
+        mut uncertain: bool,
+    ) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new(self.retry_max_backoff);
+        if txns.iter().any(|t| t.state == TxnState::Pending) && !uncertain {
+            // A transient refusal (EXECABORT): pause before trying again.
+            let e = RedisError::from((redis::ErrorKind::Client, "transaction aborted; retrying"));
+            self.transient_pause(&mut backoff, &e).await?;
+        }
+        loop {
+            if uncertain {
+                match self.reconcile(group, txns).await {
+                    Ok(()) => uncertain = false,
+                    Err(e) => {
+                        self.transient_pause(&mut backoff, &e).await?;
+                        continue;
                     }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "WAIT failed"),
+                }
+            }
+            let pending: Vec<usize> = (0..txns.len())
+                .filter(|&t| txns[t].state == TxnState::Pending)
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            let pipe = self.build_pipe(group, txns, &pending);
+            let result: Result<Vec<Value>, RedisError> = match self.connect().await {
+                Ok(c) => pipe.query_async(c).await,
+                Err(e) => Err(e),
+            };
+            drop(pipe);
+            match result {
+                Ok(replies) => match self.apply_replies(group, txns, &pending, replies) {
+                    Outcome::Clean => {}
+                    Outcome::Retry(e) => self.transient_pause(&mut backoff, &e).await?,
+                    Outcome::Uncertain(_) => uncertain = true,
+                },
+                Err(e) => {
+                    uncertain = true;
+                    self.transient_pause(&mut backoff, &e).await?;
                 }
             }
         }
+        self.wait_replicas_if_asked().await;
         Ok(())
+    }
+
+    async fn wait_replicas_if_asked(&mut self) {
+        if self.wait_replicas == 0 {
+            return;
+        }
+        if let Some(c) = self.conn.as_mut() {
+            let r: Result<i64, _> = redis::cmd("WAIT")
+                .arg(self.wait_replicas)
+                .arg(self.wait_timeout.as_millis() as u64)
+                .query_async(c)
+                .await;
+            match r {
+                Ok(n) if n < self.wait_replicas as i64 => {
+                    warn!(
+                        acked = n,
+                        wanted = self.wait_replicas,
+                        "fewer replicas than redis.wait_replicas acknowledged the batch"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "WAIT failed"),
+            }
+        }
     }
 
     /// An EXEC reply: count what landed; entries Redis refused at run time (the transaction
@@ -432,6 +586,27 @@ impl Publisher {
         if todo.is_empty() {
             return Ok(());
         }
+        // Fence first: a pipeline whose reply timed out may still sit unread in Redis (a
+        // paused server reads it when it resumes). Killing its connection discards what
+        // Redis has not executed yet, so the marks read next are final. A transaction is
+        // executed whole at EXEC, so a kill never splits one.
+        let stale = std::mem::take(&mut self.stale_ids);
+        for id in stale {
+            let c = self.connect().await?;
+            let r: Result<Value, RedisError> = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async(c)
+                .await;
+            if let Err(e) = r {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    self.stale_ids.push(id);
+                    return Err(e);
+                }
+                // "No such client" (already gone) or no permission for CLIENT KILL.
+            }
+        }
         let mut pipe = redis::pipe();
         for &t in &todo {
             let f = &group[files[t].batches[0]].file;
@@ -461,6 +636,17 @@ impl Publisher {
                 continue;
             }
             let (g0, s0) = (first.file.generation, first.start);
+            if files[t].aborted && mark.is_some_and(|m| m > (g0, s0)) {
+                // Known not applied, yet the mark is past it: a later transaction of the
+                // same file overtook it (the second pipeline in flight, after an OOM
+                // refusal of this one). Its entries are sent now, after the later ones.
+                let n: usize = files[t].batches.iter().map(|&b| group[b].xadds.len()).sum();
+                add(&STATS.out_of_order, n as u64);
+                warn!(path = %first.file.path, entries = n, "a refused transaction was overtaken by a later one; sending its entries now, out of order (none lost, none twice)");
+                files[t].no_mark = true;
+                files[t].aborted = false;
+                continue;
+            }
             match mark {
                 Some(m) if m >= (last.file.generation, last.end) => {
                     // The transaction landed before the connection broke.
@@ -496,6 +682,15 @@ impl Publisher {
         Ok(())
     }
 
+    /// Forgets the connection; remembers its id so `reconcile` can kill it server-side.
+    fn drop_conn(&mut self) {
+        if self.conn.take().is_some() {
+            if let Some(id) = self.conn_id.take() {
+                self.stale_ids.push(id);
+            }
+        }
+    }
+
     async fn transient_pause(
         &mut self,
         backoff: &mut Backoff,
@@ -507,7 +702,7 @@ impl Publisher {
             || e.is_timeout()
             || e.is_connection_refusal()
         {
-            self.conn = None;
+            self.drop_conn();
         }
         if self.retry_limit > 0 && backoff.attempts() >= self.retry_limit {
             anyhow::bail!(
@@ -562,6 +757,49 @@ enum TxnState {
 struct Txn {
     batches: Vec<usize>,
     state: TxnState,
+    /// Redis said it did not apply (EXECABORT, or an aborted EXEC).
+    aborted: bool,
+    /// Send without the mark update (a later transaction already moved it).
+    no_mark: bool,
+}
+
+/// A pipeline sent, its reply not yet read.
+struct Flight {
+    group: Vec<Parsed>,
+    txns: Vec<Txn>,
+    reply: Option<tokio::task::JoinHandle<Result<Vec<Value>, RedisError>>>,
+}
+
+/// How a pipeline went.
+enum Outcome {
+    /// Every transaction applied.
+    Clean,
+    /// Some transactions were refused as a whole, transiently: they did not apply.
+    Retry(RedisError),
+    /// The outcome of some transactions is unknown (connection, timeout) or a mark must be
+    /// fixed: read the marks before resending.
+    Uncertain(RedisError),
+}
+
+/// Groups a pipeline's batches into one transaction per file, in order.
+fn txns_of(group: &[Parsed]) -> Vec<Txn> {
+    let mut txns: Vec<Txn> = Vec::new();
+    let mut by_field: HashMap<&str, usize> = HashMap::new();
+    for (i, p) in group.iter().enumerate() {
+        let t = *by_field
+            .entry(p.file.mark_field.as_str())
+            .or_insert_with(|| {
+                txns.push(Txn {
+                    batches: Vec::new(),
+                    state: TxnState::Pending,
+                    aborted: false,
+                    no_mark: false,
+                });
+                txns.len() - 1
+            });
+        txns[t].batches.push(i);
+    }
+    txns
 }
 
 /// The field/value arguments of an XADD (after the `*` id).

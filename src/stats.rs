@@ -33,6 +33,7 @@ counters! {
     lost_bytes: "bytes that could not be read (file closed early, truncated mid-line); always logged",
     redis_retries: "Redis calls retried after a transient error",
     redis_gaps: "files whose Redis-side mark was missing or behind the checkpoint",
+    out_of_order: "entries published after later ones of their file (a refused transaction overtaken; none lost or doubled)",
     checkpoint_commits: "checkpoint store commits",
 }
 
