@@ -290,3 +290,103 @@ fn files_rotated_and_written_while_stopped_are_published_once_after_restart() {
     assert_eq!(agent.stop().code(), Some(0));
     assert_exactly_once(&redis, &stream, &w.written);
 }
+
+#[test]
+fn stream_key_of_the_wrong_type_sends_records_to_the_dead_letter_file_and_goes_on() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    let bad = SourceCfg::new("bad", &[&logs.path("bad.log")]);
+    let good = SourceCfg::new("good", &[&logs.path("good.log")]);
+    let (bad_stream, good_stream) = (bad.stream(), good.stream());
+    let _: () = redis::cmd("SET")
+        .arg(&bad_stream)
+        .arg("not a stream")
+        .query(&mut redis.conn())
+        .unwrap();
+    let mut agent = Agent::new(&redis.url()).source(bad).source(good);
+    logs.append("bad.log", &["b1", "b2"]);
+    logs.append("good.log", &["g1"]);
+    agent.run();
+    wait_until("good lines published", || redis.xlen(&good_stream) == 1);
+    let dlq = agent.dead_letter_path();
+    wait_until("rejected lines dead-lettered", || {
+        std::fs::read_to_string(&dlq).is_ok_and(|t| t.lines().count() == 2)
+    });
+    // The pipeline goes on: later lines of both files are handled the same way.
+    logs.append("good.log", &["g2"]);
+    logs.append("bad.log", &["b3"]);
+    wait_until("good.log keeps flowing", || redis.xlen(&good_stream) == 2);
+    wait_until("b3 dead-lettered too", || {
+        std::fs::read_to_string(&dlq).is_ok_and(|t| t.lines().count() == 3)
+    });
+    assert_eq!(agent.stop().code(), Some(0));
+    let text = std::fs::read_to_string(&dlq).unwrap();
+    let recs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let lines: Vec<&str> = recs.iter().map(|r| r["line"].as_str().unwrap()).collect();
+    assert_eq!(lines, ["b1", "b2", "b3"]);
+    for r in &recs {
+        assert_eq!(r["error_class"], "rejected");
+        assert!(r["error"].as_str().unwrap().contains("WRONGTYPE"), "{r}");
+    }
+    // The string key is untouched.
+    let v: String = redis::cmd("GET")
+        .arg(&bad_stream)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(v, "not a stream");
+}
+
+#[test]
+fn corrupt_state_dir_stops_the_agent_with_the_recovery_commands() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["one", "two"]);
+    let src = SourceCfg::new("app", &[&logs.path("app.log")]);
+    let stream = src.stream();
+    let agent = Agent::new(&redis.url()).source(src);
+    assert!(agent.backfill(&[]).status.success());
+    // Garbage over every file of the sled store.
+    let store = agent.state_dir().join("checkpoints.sled");
+    for e in std::fs::read_dir(&store).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::write(e.path(), b"\x00garbage\xff".repeat(100)).unwrap();
+        }
+    }
+    let out = agent.backfill(&[]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("redtail state recover"), "{err}");
+    // Nothing was published again, and nothing silently restarted from zero.
+    assert_eq!(redis.xlen(&stream), 2);
+    // The documented recovery works, and the marks keep lines from being published twice.
+    let rec = agent.cmd(&["state", "recover", "-c", agent.cfg(), "--from-snapshot"]);
+    assert!(rec.status.success(), "{}", show(&rec));
+    logs.append("app.log", &["three"]);
+    let out = agent.backfill(&[]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(redis.xrange_messages(&stream), ["one", "two", "three"]);
+}
+
+#[test]
+fn wait_replicas_without_replicas_warns_and_publishes() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["w1"]);
+    let src = SourceCfg::new("app", &[&logs.path("app.log")]);
+    let stream = src.stream();
+    let mut agent = Agent::new(&redis.url())
+        .source(src)
+        .redis_kv("wait_replicas", "1")
+        .redis_kv("wait_timeout", "\"50ms\"");
+    agent.run();
+    wait_until("published", || redis.xlen(&stream) == 1);
+    wait_until("the missing replica reported", || {
+        agent
+            .stderr()
+            .contains("fewer replicas than redis.wait_replicas")
+    });
+    assert_eq!(agent.stop().code(), Some(0));
+}
