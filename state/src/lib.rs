@@ -404,6 +404,14 @@ impl CheckpointStore {
                     detail: format!("unreadable format marker {:?}", v.as_ref()),
                 })
             }
+            // Files without a marker and no snapshot with checkpoints: the agent was
+            // killed during its very first open (the marker is flushed before any commit,
+            // and every commit exports a snapshot), so nothing can have been lost.
+            None if existed && !snapshot_has_checkpoints(state_dir) => {
+                meta.insert(META_FORMAT_KEY, &[LAYOUT_VERSION])
+                    .map_err(|e| runtime_err(&db_path, e))?;
+                db.flush().map_err(|e| runtime_err(&db_path, e))?;
+            }
             None if existed => {
                 return Err(StateError::Corrupt {
                     path: db_path,
@@ -663,4 +671,10 @@ fn lock_existing_db(db_path: &Path) -> Result<Option<File>, StateError> {
             source: e,
         }),
     }
+}
+
+/// Whether a snapshot exists that holds checkpoints (or cannot be read, which counts).
+fn snapshot_has_checkpoints(state_dir: &Path) -> bool {
+    !matches!(read_snapshot(state_dir), Ok(None))
+        && !matches!(read_snapshot(state_dir), Ok(Some(s)) if s.checkpoints.is_empty())
 }
