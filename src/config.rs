@@ -548,7 +548,7 @@ impl Config {
                 .batch_max_entries
                 .as_ref()
                 .map(|v| *v.get_ref() as usize)
-                .unwrap_or(8192)
+                .unwrap_or(4096)
                 .max(1),
             batch_max_bytes: (ck.size(&r.batch_max_bytes, "redis.batch_max_bytes", 8 << 20)
                 as usize)

@@ -210,13 +210,15 @@ impl Publisher {
                     _ = abort.changed() => return Ok(()),
                 }
                 let txns = txns_of(&group);
-                let pending: Vec<usize> = (0..txns.len()).collect();
-                let pipe = self.build_pipe(&group, &txns, &pending);
                 let reply = match self.connect().await {
                     Ok(c) => {
                         let mut c = c.clone();
+                        // The commands move into the pipeline (no copy); they come back
+                        // with the reply, and are put back only if something failed.
+                        let pipe = take_pipe(&self.marks_keys, &mut group, &txns);
                         Some(tokio::spawn(async move {
-                            pipe.query_async::<Vec<Value>>(&mut c).await
+                            let r = pipe.query_async::<Vec<Value>>(&mut c).await;
+                            (pipe, r)
                         }))
                     }
                     Err(_) => None,
@@ -245,13 +247,7 @@ impl Publisher {
                 flights.len() < 2 && !closed && flights.iter().all(|f| f.reply.is_some());
             let front = flights.front_mut().unwrap();
             let result = tokio::select! {
-                r = async {
-                    match front.reply.as_mut() {
-                        Some(h) => h.await.unwrap_or_else(|e| Err(RedisError::from((
-                            redis::ErrorKind::Client, "publisher task failed", e.to_string())))),
-                        None => Err(RedisError::from((redis::ErrorKind::Io, "not connected"))),
-                    }
-                } => Some(r),
+                r = landed(front) => Some(r?),
                 m = rx.recv(), if can_take => {
                     match m {
                         Some(p) => { reorder.insert(p.seq, p); }
@@ -261,13 +257,21 @@ impl Publisher {
                 }
                 _ = abort.changed() => return Ok(()),
             };
-            let Some(result) = result else { continue };
+            let Some((pipe, result)) = result else {
+                continue;
+            };
             let Flight {
                 mut group,
                 mut txns,
                 ..
             } = flights.pop_front().unwrap();
             let all: Vec<usize> = (0..txns.len()).collect();
+            let clean = matches!(&result, Ok(replies) if replies.iter().all(|v| matches!(v,
+                Value::Array(items) if !items.iter().any(|x| matches!(x, Value::ServerError(_))))));
+            if !clean {
+                restore(&mut group, &txns, pipe.as_ref());
+            }
+            drop(pipe);
             let outcome = match result {
                 Ok(replies) => self.apply_replies(&group, &mut txns, &all, replies),
                 Err(e) => Outcome::Uncertain(e),
@@ -281,16 +285,9 @@ impl Publisher {
             // then finish both one at a time, reading the marks first where needed.
             let mut rest = Vec::new();
             while let Some(mut f) = flights.pop_front() {
-                let r = match f.reply.as_mut() {
-                    Some(h) => h.await.unwrap_or_else(|e| {
-                        Err(RedisError::from((
-                            redis::ErrorKind::Client,
-                            "publisher task failed",
-                            e.to_string(),
-                        )))
-                    }),
-                    None => Err(RedisError::from((redis::ErrorKind::Io, "not connected"))),
-                };
+                let (pipe, r) = landed(&mut f).await?;
+                restore(&mut f.group, &f.txns, pipe.as_ref());
+                drop(pipe);
                 let all: Vec<usize> = (0..f.txns.len()).collect();
                 let o = match r {
                     Ok(replies) => self.apply_replies(&f.group, &mut f.txns, &all, replies),
@@ -526,12 +523,16 @@ impl Publisher {
         for &b in &txn.batches {
             let p = &group[b];
             let mut refused = Vec::new();
-            for (k, c) in p.xadds.iter().enumerate() {
+            for (k, &offset) in p.offsets.iter().enumerate() {
                 match items.get(i) {
                     Some(Value::ServerError(se)) => {
                         let msg =
                             format!("Redis rejected the entry: {}", RedisError::from(se.clone()));
-                        refused.push(rejected_record(c, p.offsets[k], msg));
+                        // The commands were put back (`restore`) because of this error.
+                        match p.xadds.get(k) {
+                            Some(c) => refused.push(rejected_record(c, offset, msg)),
+                            None => error!(offset, error = %msg, "rejected entry lost its command"),
+                        }
                     }
                     _ => added += 1,
                 }
@@ -763,11 +764,68 @@ struct Txn {
     no_mark: bool,
 }
 
+type Sent = (redis::Pipeline, Result<Vec<Value>, RedisError>);
+
 /// A pipeline sent, its reply not yet read.
 struct Flight {
     group: Vec<Parsed>,
     txns: Vec<Txn>,
-    reply: Option<tokio::task::JoinHandle<Result<Vec<Value>, RedisError>>>,
+    /// None: it could not be sent (no connection).
+    reply: Option<tokio::task::JoinHandle<Sent>>,
+}
+
+/// Waits for a flight's reply; the pipeline comes back with it (None if never sent).
+async fn landed(
+    f: &mut Flight,
+) -> anyhow::Result<(Option<redis::Pipeline>, Result<Vec<Value>, RedisError>)> {
+    match f.reply.as_mut() {
+        Some(h) => match h.await {
+            Ok((pipe, r)) => Ok((Some(pipe), r)),
+            Err(e) => anyhow::bail!("internal error: the publishing task failed: {e}"),
+        },
+        None => Ok((
+            None,
+            Err(RedisError::from((redis::ErrorKind::Io, "not connected"))),
+        )),
+    }
+}
+
+/// The fast-path pipeline: every transaction of `txns`, the XADDs moved out of `group`.
+fn take_pipe(marks_keys: &[String], group: &mut [Parsed], txns: &[Txn]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for t in txns {
+        let last = *t.batches.last().unwrap();
+        pipe.cmd("MULTI").ignore();
+        for &b in &t.batches {
+            for c in std::mem::take(&mut group[b].xadds) {
+                pipe.add_command(c).ignore();
+            }
+        }
+        let f = &group[last].file;
+        pipe.cmd("HSET")
+            .arg(&marks_keys[f.source])
+            .arg(&f.mark_field)
+            .arg(format!("{}:{}", f.generation, group[last].end))
+            .ignore();
+        pipe.cmd("EXEC");
+    }
+    pipe
+}
+
+/// Puts the XADDs `take_pipe` moved out back into `group` (copies; failure path only).
+fn restore(group: &mut [Parsed], txns: &[Txn], pipe: Option<&redis::Pipeline>) {
+    let Some(pipe) = pipe else { return };
+    let mut cmds = pipe.cmd_iter();
+    for t in txns {
+        cmds.next(); // MULTI
+        for &b in &t.batches {
+            let n = group[b].offsets.len();
+            group[b].xadds = cmds.by_ref().take(n).cloned().collect();
+        }
+        cmds.next(); // HSET
+        cmds.next(); // EXEC
+    }
 }
 
 /// How a pipeline went.
