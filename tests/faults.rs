@@ -390,3 +390,87 @@ fn wait_replicas_without_replicas_warns_and_publishes() {
     });
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+#[test]
+fn sigterm_while_redis_is_down_exits_within_the_timeout_and_loses_nothing() {
+    let mut redis = RedisServer::start_with_aof();
+    let logs = LogDir::new();
+    let src = SourceCfg::new("app", &[&logs.path("app.log")]);
+    let stream = src.stream();
+    let mut agent = Agent::new(&redis.url())
+        .source(src)
+        .agent_kv("shutdown_timeout", "\"1s\"")
+        .redis_kv("retry_max_backoff", "\"200ms\"");
+    logs.append("app.log", &["before"]);
+    agent.run();
+    wait_until("first line published", || redis.xlen(&stream) == 1);
+    redis.kill();
+    logs.append("app.log", &["during-1", "during-2"]);
+    wait_until("the outage noticed", || {
+        agent.stderr().contains("Redis unavailable")
+    });
+    let t = std::time::Instant::now();
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        agent.stderr().contains("shutdown_timeout reached"),
+        "{}",
+        agent.stderr()
+    );
+    // Not checkpointed, so read again and published once Redis is back.
+    redis.restart();
+    agent.run();
+    wait_until("the rest published", || redis.xlen(&stream) == 3);
+    assert_eq!(agent.stop().code(), Some(0));
+    assert_eq!(
+        redis.xrange_messages(&stream),
+        ["before", "during-1", "during-2"]
+    );
+}
+
+#[test]
+fn files_rotated_and_deleted_while_redis_is_down_are_drained_when_it_is_back() {
+    let mut redis = RedisServer::start_with_aof();
+    let logs = LogDir::new();
+    let app = SourceCfg::new("app", &[&logs.path("app.log")]);
+    let tmp = SourceCfg::new("tmp", &[&logs.path("tmp.log")]);
+    let (sa, st) = (app.stream(), tmp.stream());
+    let mut agent = Agent::new(&redis.url())
+        .source(app)
+        .source(tmp)
+        .redis_kv("retry_max_backoff", "\"200ms\"");
+    logs.append("app.log", &["a1"]);
+    logs.append("tmp.log", &["t1"]);
+    agent.run();
+    wait_until("first lines", || {
+        redis.xlen(&sa) == 1 && redis.xlen(&st) == 1
+    });
+    redis.kill();
+    logs.append("app.log", &["a2", "a3"]);
+    logs.rename("app.log", "app.log.1"); // out of the glob
+    logs.append("app.log.1", &["a4"]); // late write to the rotated file
+    logs.append("app.log", &["b1"]);
+    logs.append("tmp.log", &["t2"]);
+    logs.remove("tmp.log"); // deleted with an unread line
+    wait_until("the outage noticed", || {
+        agent.stderr().contains("Redis unavailable")
+    });
+    redis.restart();
+    wait_until("everything published", || {
+        redis.xlen(&sa) == 5 && redis.xlen(&st) == 2
+    });
+    assert_eq!(agent.stop().code(), Some(0));
+    let a = redis.xrange_messages(&sa);
+    let old: Vec<&str> = a
+        .iter()
+        .map(|s| s.as_str())
+        .filter(|m| m.starts_with('a'))
+        .collect();
+    assert_eq!(old, ["a1", "a2", "a3", "a4"]);
+    assert!(a.contains(&"b1".to_string()));
+    assert_eq!(redis.xrange_messages(&st), ["t1", "t2"]);
+}
