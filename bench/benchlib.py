@@ -215,5 +215,9 @@ def machine_line():
                              capture_output=True, text=True).stdout.strip()
     except OSError:
         rev = "?"
-    return "machine: %d CPUs (shared VM), Redis %s, redtail %s @ %s, loadavg %s" % (
-        os.cpu_count(), ver, redtail_bin(), rev, " ".join(load))
+    try:
+        built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(redtail_bin())))
+    except OSError:
+        built = "missing!"
+    return "machine: %d CPUs (shared VM), Redis %s, redtail %s (built %s; repo HEAD %s), loadavg %s" % (
+        os.cpu_count(), ver, redtail_bin(), built, rev, " ".join(load))
