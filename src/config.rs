@@ -470,10 +470,12 @@ impl Config {
                 .map(|s| s.get_ref().clone())
                 .unwrap_or_else(default_host_name),
             workers,
+            // inotify reports new and renamed files at once; the glob pass is the safety
+            // net (lost events, NFS), and with thousands of files it is the main idle cost.
             glob_interval: ck.duration(
                 &a.glob_interval,
                 "agent.glob_interval",
-                Duration::from_secs(1),
+                Duration::from_secs(5),
             ),
             poll_interval: ck.duration(
                 &a.poll_interval,

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{marks_key, Config, InvalidUtf8, Source};
 use crate::follow::{self, Follower, Sink};
-use crate::publish::{self, Ack, Publisher};
+use crate::publish::{Ack, Publisher};
 use crate::record::{Batch, DeadClass, DeadRecord, Parsed, SpanKind};
 use crate::stats::{add, STATS};
 
@@ -281,63 +281,60 @@ pub struct RedisMarks {
     client: redis::Client,
     conn: Option<redis::Connection>,
     keys: Vec<String>,
-    shutdown: Receiver<()>,
     timeout: Duration,
-    max_backoff: Duration,
+    down_until: Option<Instant>,
 }
 
 impl RedisMarks {
-    pub fn new(cfg: &Config, shutdown: Receiver<()>) -> anyhow::Result<RedisMarks> {
+    pub fn new(cfg: &Config) -> anyhow::Result<RedisMarks> {
         Ok(RedisMarks {
             client: redis::Client::open(cfg.redis.url.as_str())?,
             conn: None,
             keys: cfg.sources.iter().map(|s| marks_key(&s.stream)).collect(),
-            shutdown,
-            timeout: cfg.redis.connect_timeout,
-            max_backoff: cfg.redis.retry_max_backoff,
+            // Short: a lookup holds up the follower.
+            timeout: cfg.redis.connect_timeout.min(Duration::from_secs(1)),
+            down_until: None,
         })
     }
 }
 
 impl follow::Marks for RedisMarks {
-    fn get(&mut self, source: usize, field: &str) -> Option<(u32, u64)> {
-        let mut backoff = publish::Backoff::new(self.max_backoff);
-        loop {
+    /// One attempt. While Redis is down the follower must stay free to drain rotated and
+    /// deleted files and to stop, so a failure is reported, not waited out; after one,
+    /// lookups fail fast for a second instead of each waiting for a timeout.
+    fn get(&mut self, source: usize, field: &str) -> Result<Option<(u32, u64)>, ()> {
+        if self.down_until.is_some_and(|t| Instant::now() < t) {
+            return Err(());
+        }
+        let result = (|| -> redis::RedisResult<Option<String>> {
             if self.conn.is_none() {
-                match self.client.get_connection_with_timeout(self.timeout) {
-                    Ok(c) => {
-                        let _ = c.set_read_timeout(Some(self.timeout));
-                        let _ = c.set_write_timeout(Some(self.timeout));
-                        self.conn = Some(c);
-                    }
-                    Err(e) => {
-                        if backoff.attempts() == 0 {
-                            warn!(error = %e, "cannot reach Redis to read a file's high-water mark; waiting for it");
-                        }
-                    }
-                }
+                let c = self.client.get_connection_with_timeout(self.timeout)?;
+                c.set_read_timeout(Some(self.timeout))?;
+                c.set_write_timeout(Some(self.timeout))?;
+                self.conn = Some(c);
             }
-            if let Some(c) = self.conn.as_mut() {
-                let r: Result<Option<String>, _> = redis::cmd("HGET")
-                    .arg(&self.keys[source])
-                    .arg(field)
-                    .query(c);
-                match r {
-                    Ok(v) => {
-                        return v.and_then(|v| {
-                            let (g, o) = v.split_once(':')?;
-                            Some((g.parse().ok()?, o.parse().ok()?))
-                        })
-                    }
-                    Err(e) => {
-                        self.conn = None;
-                        warn!(error = %e, "reading a high-water mark failed; retrying");
-                    }
+            redis::cmd("HGET")
+                .arg(&self.keys[source])
+                .arg(field)
+                .query(self.conn.as_mut().unwrap())
+        })();
+        match result {
+            Ok(v) => {
+                if self.down_until.take().is_some() {
+                    info!("Redis reachable again: reading high-water marks");
                 }
+                Ok(v.and_then(|v| {
+                    let (g, o) = v.split_once(':')?;
+                    Some((g.parse().ok()?, o.parse().ok()?))
+                }))
             }
-            match self.shutdown.recv_timeout(backoff.next_delay()) {
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                _ => return None,
+            Err(e) => {
+                self.conn = None;
+                if self.down_until.is_none() {
+                    warn!(error = %e, "Redis unavailable: cannot read high-water marks; new files are opened once it is back (nothing is lost)");
+                }
+                self.down_until = Some(Instant::now() + Duration::from_secs(1));
+                Err(())
             }
         }
     }
@@ -519,7 +516,7 @@ pub fn run(
 
     let checkpoints = store.all()?;
     let opts = follow::Options::from_config(&cfg, mode == Mode::Backfill);
-    let marks = RedisMarks::new(&cfg, stop_rx.clone())?;
+    let marks = RedisMarks::new(&cfg)?;
     let follower = Follower::new(
         opts,
         follow::SourceSpec::from_config(&cfg),

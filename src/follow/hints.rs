@@ -37,6 +37,12 @@ impl Hints {
             match res {
                 Ok(ev) => {
                     use notify::event::{EventKind as K, ModifyKind};
+                    // Opens, reads and closes — ours included (listing a watched directory,
+                    // reading a file's first bytes) — say nothing about new data. Heeding
+                    // them made the agent wake itself up in a loop.
+                    if matches!(ev.kind, K::Access(_)) && !ev.need_rescan() {
+                        return;
+                    }
                     let structural = matches!(
                         ev.kind,
                         K::Create(_) | K::Remove(_) | K::Modify(ModifyKind::Name(_)) | K::Other

@@ -205,8 +205,10 @@ pub fn start_point(
 
 /// Where the follower learns the Redis-side high-water mark of a file.
 pub trait Marks: Send {
-    /// The mark of `field` in the marks hash of source `source`'s stream, if any.
-    fn get(&mut self, source: usize, field: &str) -> Option<(u32, u64)>;
+    /// The mark of `field` in the marks hash of source `source`'s stream, if any;
+    /// `Err(())` when Redis cannot be asked right now (the caller tries again later).
+    #[allow(clippy::result_unit_err)]
+    fn get(&mut self, source: usize, field: &str) -> Result<Option<(u32, u64)>, ()>;
 }
 
 /// No Redis: for tests and offline use.
@@ -214,8 +216,8 @@ pub trait Marks: Send {
 pub struct NoMarks;
 
 impl Marks for NoMarks {
-    fn get(&mut self, _: usize, _: &str) -> Option<(u32, u64)> {
-        None
+    fn get(&mut self, _: usize, _: &str) -> Result<Option<(u32, u64)>, ()> {
+        Ok(None)
     }
 }
 
@@ -434,7 +436,13 @@ pub struct Follower {
     /// Directories worth watching (parents of globs and of followed files).
     pub watch_dirs: HashSet<PathBuf>,
     marks: Box<dyn Marks>,
+    /// The start-up search for files rotated while stopped has run to the end.
+    rotated_scan_done: bool,
+    /// Files present at start-up whose opening waits for Redis (they keep `start_at`).
+    startup_deferred: HashSet<(usize, FileKey)>,
     epoch: Instant,
+    /// inotify hints are flowing (polls can be slower).
+    pub hinted: bool,
 }
 
 impl Follower {
@@ -468,7 +476,10 @@ impl Follower {
             warned_missing: HashSet::new(),
             watch_dirs: HashSet::new(),
             marks,
+            rotated_scan_done: false,
+            startup_deferred: HashSet::new(),
             epoch: Instant::now(),
+            hinted: false,
         }
     }
 
@@ -649,7 +660,7 @@ impl Follower {
                 }
             }
             f.at_eof = false;
-            match self.read_some(f) {
+            match self.read_some(f, size) {
                 Ok(0) => {
                     f.at_eof = true;
                     break;
@@ -716,7 +727,14 @@ impl Follower {
             return true;
         }
         if f.at_eof {
-            f.backoff = (f.backoff * 2).clamp(Duration::from_millis(1), self.opts.poll_interval);
+            // With inotify hints a quiet file is woken by its events; the poll is only the
+            // safety net for lost events, so it can be slower.
+            let cap = if self.hinted {
+                self.opts.poll_interval.max(Duration::from_secs(1))
+            } else {
+                self.opts.poll_interval
+            };
+            f.backoff = (f.backoff * 2).clamp(Duration::from_millis(1), cap);
             f.next_poll = now + f.backoff;
             if f.backoff >= POLL_GRID {
                 // Quiet files share wake-ups on a 10 ms grid instead of each waking the
@@ -742,8 +760,13 @@ impl Follower {
         true
     }
 
-    fn read_some(&mut self, f: &mut Tracked) -> std::io::Result<usize> {
-        let chunk = self.opts.read_chunk;
+    /// Reads what the file has beyond `pos` (up to `size` as fstat said, at most one
+    /// chunk). Sized to what is there, so a quiet file with a few new lines does not get a
+    /// chunk-sized buffer: a thousand followed files must not cost a thousand chunks.
+    fn read_some(&mut self, f: &mut Tracked, size: u64) -> std::io::Result<usize> {
+        let chunk = (size.saturating_sub(f.pos) as usize)
+            .max(4096)
+            .min(self.opts.read_chunk);
         let len = f.carry.len();
         f.carry.reserve(chunk);
         // SAFETY-free approach: zero-extend, read, truncate. The memset is cheap next to the
@@ -928,9 +951,16 @@ impl Follower {
         if n == 0 {
             return true;
         }
-        let mut rest = sink.buffer();
-        rest.clear();
-        rest.reserve(self.opts.read_chunk.max(f.carry.len() - n));
+        // The batch takes the buffer; the file keeps only its unfinished tail (a recycled
+        // buffer when the file is busy, a small one when it is not).
+        let tail = f.carry.len() - n;
+        let mut rest = if f.at_eof {
+            Vec::with_capacity(tail.max(256))
+        } else {
+            let mut b = sink.buffer();
+            b.clear();
+            b
+        };
         rest.extend_from_slice(&f.carry[n..]);
         let mut bytes = std::mem::replace(&mut f.carry, rest);
         bytes.truncate(n);
@@ -991,6 +1021,9 @@ impl Follower {
     pub fn discover(&mut self, now: Instant) {
         self.round += 1;
         let round = self.round;
+        // What each matched path named this round (dev, inode, size): the checks of known
+        // files below reuse it instead of a second stat per file.
+        let mut seen: HashMap<PathBuf, (FileKey, u64)> = HashMap::new();
         for si in 0..self.sources.len() {
             let patterns = self.sources[si].paths.clone();
             for pat in &patterns {
@@ -1028,6 +1061,7 @@ impl Follower {
                         dev: meta.dev(),
                         ino: meta.ino(),
                     };
+                    seen.insert(path.clone(), (key, meta.len()));
                     if let Some(f) = self.files.get_mut(&(si, key)) {
                         let ghost = f
                             .file
@@ -1079,10 +1113,18 @@ impl Follower {
             if let Some(d) = f.path.parent() {
                 self.watch_dirs.insert(d.to_path_buf());
             }
-            let now_there = std::fs::metadata(&f.path).ok().map(|m| FileKey {
-                dev: m.dev(),
-                ino: m.ino(),
+            let path_meta = seen.get(&f.path).copied().or_else(|| {
+                std::fs::metadata(&f.path).ok().map(|m| {
+                    (
+                        FileKey {
+                            dev: m.dev(),
+                            ino: m.ino(),
+                        },
+                        m.len(),
+                    )
+                })
             });
+            let now_there = path_meta.map(|(k, _)| k);
             let unlinked = f
                 .file
                 .as_ref()
@@ -1119,15 +1161,17 @@ impl Follower {
             }
             // Same file at the same path: did someone rewrite it in place (copytruncate
             // followed by writes past our position before we noticed)?
-            if let (Some(h), Some(fp)) = (&f.file, f.fingerprint) {
+            // (Unchanged size: nothing to check; growth is checked when it is read.)
+            let changed = path_meta.is_some_and(|(_, len)| len != f.pos);
+            if let (Some(h), Some(fp), true) = (&f.file, f.fingerprint, changed) {
                 if f.pos > 0 && !fingerprint_matches(h, fp) {
                     f.rewritten = true;
                     f.next_poll = now;
                 }
             }
         }
-        if self.startup {
-            self.find_rotated_while_stopped(now, round);
+        if !self.rotated_scan_done {
+            self.rotated_scan_done = self.find_rotated_while_stopped(now, round);
         }
     }
 
@@ -1164,13 +1208,27 @@ impl Follower {
             Some(cp) if fingerprint_matches(&file, cp.fingerprint) => Some(cp.fingerprint),
             _ => fingerprint_of(&file).ok().flatten(),
         };
-        let mark = current_fp.and_then(|fp| self.marks.get(si, &crate::record::file_id(key, fp)));
+        let mark = match current_fp {
+            Some(fp) => match self.marks.get(si, &crate::record::file_id(key, fp)) {
+                Ok(m) => m,
+                // Redis is down: where to start is unknown. Open it at a later discovery;
+                // nothing could be published now anyway. (It keeps its start-up status.)
+                Err(()) => {
+                    if self.startup {
+                        self.startup_deferred.insert((si, key));
+                    }
+                    return;
+                }
+            },
+            None => None,
+        };
+        let present_at_startup = self.startup || self.startup_deferred.remove(&(si, key));
         let start = start_point(
             cp,
             current_fp,
             mark,
             meta.len(),
-            self.startup,
+            present_at_startup,
             self.sources[si].start_at,
             || end_boundary(&file, meta.len()),
         );
@@ -1311,7 +1369,9 @@ impl Follower {
 
     /// Files rotated while the agent was stopped and renamed to a name the globs do not
     /// match: look for their inode next to where they were last seen, and drain them.
-    fn find_rotated_while_stopped(&mut self, now: Instant, round: u64) {
+    /// Returns false when some file had to be left for later (Redis unreachable).
+    fn find_rotated_while_stopped(&mut self, now: Instant, round: u64) -> bool {
+        let mut complete = true;
         use std::os::unix::fs::DirEntryExt;
         let missing: Vec<Checkpoint> = self
             .checkpoints
@@ -1344,9 +1404,13 @@ impl Follower {
                 if !fingerprint_matches(&file, cp.fingerprint) || meta.len() <= cp.offset {
                     break;
                 }
-                let mark = self
+                let Ok(mark) = self
                     .marks
-                    .get(si, &crate::record::file_id(cp.key, cp.fingerprint));
+                    .get(si, &crate::record::file_id(cp.key, cp.fingerprint))
+                else {
+                    complete = false;
+                    break;
+                };
                 let start = start_point(
                     Some(&cp),
                     Some(cp.fingerprint),
@@ -1367,6 +1431,7 @@ impl Follower {
                 break;
             }
         }
+        complete
     }
 }
 
@@ -1411,6 +1476,7 @@ pub fn run_thread(
     mut on_tick: impl FnMut(&Follower),
 ) -> Follower {
     let mut watched: HashSet<PathBuf> = HashSet::new();
+    follower.hinted = hints.is_some();
     loop {
         let now = Instant::now();
         let report = follower.tick(now, sink);

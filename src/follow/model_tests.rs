@@ -56,8 +56,8 @@ struct Redis {
 struct SharedMarks(Arc<Mutex<Redis>>);
 
 impl Marks for SharedMarks {
-    fn get(&mut self, _source: usize, field: &str) -> Option<(u32, u64)> {
-        self.0.lock().unwrap().marks.get(field).copied()
+    fn get(&mut self, _source: usize, field: &str) -> Result<Option<(u32, u64)>, ()> {
+        Ok(self.0.lock().unwrap().marks.get(field).copied())
     }
 }
 

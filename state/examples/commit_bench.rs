@@ -92,10 +92,10 @@ fn main() {
         worst = worst.max(dt);
         commits += 1;
         seg_commits += 1;
-        if commits % 100 == 0 {
+        if commits.is_multiple_of(100) {
             store.export_snapshot().expect("export");
         }
-        if done % 1_000_000 == 0 || done == updates {
+        if done.is_multiple_of(1_000_000) || done == updates {
             let us = seg.elapsed().as_secs_f64() * 1e6 / seg_commits as f64;
             println!(
                 "| {} | {} | {:.2} | {:.1} | {:.0} |",
