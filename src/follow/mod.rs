@@ -91,6 +91,8 @@ pub struct SourceSpec {
     pub exclude: Vec<glob::Pattern>,
     pub start_at: StartAt,
     pub multiline: Option<Multiline>,
+    /// `paths`, compiled (for notify hints about files not followed yet).
+    pub globs: Vec<glob::Pattern>,
 }
 
 impl SourceSpec {
@@ -103,8 +105,18 @@ impl SourceSpec {
                 exclude: s.exclude.clone(),
                 start_at: s.start_at,
                 multiline: s.multiline.clone(),
+                globs: s
+                    .paths
+                    .iter()
+                    .filter_map(|p| glob::Pattern::new(p).ok())
+                    .collect(),
             })
             .collect()
+    }
+
+    /// Would discovery pick this path up?
+    fn matches(&self, path: &Path) -> bool {
+        !self.excluded(path) && self.globs.iter().any(|g| g.matches_path(path))
     }
 
     fn excluded(&self, path: &Path) -> bool {
@@ -440,6 +452,9 @@ pub struct Follower {
     rotated_scan_done: bool,
     /// Files present at start-up whose opening waits for Redis (they keep `start_at`).
     startup_deferred: HashSet<(usize, FileKey)>,
+    /// Path → followed files, for notify hints; rebuilt after discovery changed things.
+    path_index: HashMap<PathBuf, Vec<(usize, FileKey)>>,
+    index_stale: bool,
     epoch: Instant,
     /// inotify hints are flowing (polls can be slower).
     pub hinted: bool,
@@ -478,6 +493,8 @@ impl Follower {
             marks,
             rotated_scan_done: false,
             startup_deferred: HashSet::new(),
+            path_index: HashMap::new(),
+            index_stale: true,
             epoch: Instant::now(),
             hinted: false,
         }
@@ -539,22 +556,34 @@ impl Follower {
                 .is_none_or(|t| now.duration_since(t) >= self.opts.glob_interval);
         if !self.dirty.is_empty() {
             let dirty = std::mem::take(&mut self.dirty);
-            let mut unknown = false;
-            for f in self.files.values_mut() {
-                if dirty.contains(&f.path) {
-                    f.next_poll = now;
+            if self.index_stale {
+                self.path_index.clear();
+                for (k, f) in &self.files {
+                    self.path_index.entry(f.path.clone()).or_default().push(*k);
                 }
+                self.index_stale = false;
             }
             for p in &dirty {
-                if !self.files.values().any(|f| &f.path == p) {
-                    unknown = true;
+                match self.path_index.get(p) {
+                    Some(keys) => {
+                        for k in keys {
+                            if let Some(f) = self.files.get_mut(k) {
+                                f.next_poll = now;
+                            }
+                        }
+                    }
+                    // A file we do not follow yet: worth a discovery only if some source's
+                    // globs match it (a busy /var/log is full of files nobody asked for).
+                    None => {
+                        if self.sources.iter().any(|s| s.matches(p)) {
+                            self.discover_now = true;
+                        }
+                    }
                 }
-            }
-            if unknown {
-                self.discover_now = true;
             }
         }
         if discovery_due || self.discover_now {
+            self.index_stale = true;
             self.discover(now);
             self.last_discovery = Some(now);
             self.discover_now = false;
@@ -589,6 +618,7 @@ impl Follower {
             self.files.insert(k, f);
         }
         for k in to_close {
+            self.index_stale = true;
             if let Some(f) = self.files.remove(&k) {
                 debug!(path = %f.path.display(), offset = f.pos, "closed file");
             }

@@ -119,6 +119,7 @@ impl Harness {
             exclude: vec![],
             start_at: StartAt::Beginning,
             multiline: None,
+            globs: vec![],
         }];
         Follower::new(opts(), spec, cps, Box::new(SharedMarks(redis)))
     }

@@ -25,6 +25,7 @@ fn spec(dir: &Path) -> Vec<SourceSpec> {
         exclude: vec![],
         start_at: StartAt::Beginning,
         multiline: None,
+        globs: vec![],
     }]
 }
 
