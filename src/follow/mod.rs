@@ -1191,9 +1191,9 @@ impl Follower {
             }
             // Same file at the same path: did someone rewrite it in place (copytruncate
             // followed by writes past our position before we noticed)?
-            // (Unchanged size: nothing to check; growth is checked when it is read.)
-            let changed = path_meta.is_some_and(|(_, len)| len != f.pos);
-            if let (Some(h), Some(fp), true) = (&f.file, f.fingerprint, changed) {
+            // Even at an unchanged size: truncated and rewritten to the same length is
+            // only visible here (the model test found it).
+            if let (Some(h), Some(fp)) = (&f.file, f.fingerprint) {
                 if f.pos > 0 && !fingerprint_matches(h, fp) {
                     f.rewritten = true;
                     f.next_poll = now;
