@@ -27,7 +27,14 @@ pub fn dlq_stats(path: &Path) -> anyhow::Result<ExitCode> {
     let mut by: BTreeMap<(String, String, String), u64> = BTreeMap::new();
     for e in &entries {
         // Group errors by their text without positions, so one cause is one row.
-        let err: String = e.error.chars().filter(|c| !c.is_ascii_digit()).collect();
+        let mut err = String::with_capacity(e.error.len());
+        for c in e.error.chars() {
+            if !c.is_ascii_digit() {
+                err.push(c);
+            } else if !err.ends_with('N') {
+                err.push('N');
+            }
+        }
         *by.entry((e.source.clone(), e.error_class.clone(), err))
             .or_default() += 1;
     }
