@@ -46,6 +46,10 @@ enum Command {
         /// Never draw a progress bar (it is drawn only on a terminal anyway).
         #[arg(long)]
         no_progress: bool,
+        /// Read, cut and parse every matching file from its start, print what would be
+        /// published and how fast; write nothing (no Redis, no checkpoints, no dead letters).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show the checkpoint of every file (works while `run` holds the store).
     Checkpoints {
@@ -130,7 +134,8 @@ fn main() -> ExitCode {
             config,
             source,
             no_progress,
-        } => cmd::backfill(&config, source.as_deref(), no_progress),
+            dry_run,
+        } => cmd::backfill(&config, source.as_deref(), no_progress, dry_run),
         Command::Checkpoints { config, json } => cmd::checkpoints(&config, json),
         Command::Validate { config } => cmd::validate(&config),
         Command::Parse {

@@ -364,8 +364,9 @@ impl Sink for ChannelSink {
 
 /// The committer: keeps the latest acknowledged offset per file and writes them to the
 /// store every `interval`, and when the ack channel closes.
+/// `store` None: count and release credits only (dry run).
 pub fn committer(
-    store: Arc<CheckpointStore>,
+    store: Option<Arc<CheckpointStore>>,
     acks: Receiver<Ack>,
     interval: Duration,
     names: Vec<String>,
@@ -376,6 +377,10 @@ pub fn committer(
     let mut last = Instant::now();
     let mut last_prune = Instant::now();
     let commit = |dirty: &mut HashMap<(usize, FileKey), Checkpoint>| {
+        let Some(store) = store.as_ref() else {
+            dirty.clear();
+            return;
+        };
         if dirty.is_empty() {
             return;
         }
@@ -420,9 +425,9 @@ pub fn committer(
             commit(&mut dirty);
             last = Instant::now();
         }
-        if last_prune.elapsed() >= Duration::from_secs(3600) {
+        if let (Some(store), true) = (&store, last_prune.elapsed() >= Duration::from_secs(3600)) {
             last_prune = Instant::now();
-            prune(&store, retention);
+            prune(store, retention);
         }
     }
 }
@@ -460,6 +465,9 @@ pub enum Mode {
     Follow,
     /// Read every file to its end once.
     Backfill,
+    /// Backfill that reads, cuts and parses but writes nothing: no Redis, no checkpoints,
+    /// no dead-letter file.
+    DryRun,
 }
 
 /// What a finished pipeline reports.
@@ -472,6 +480,11 @@ pub struct Summary {
     pub held_back_bytes: u64,
     pub held_back_files: usize,
     pub aborted: bool,
+    /// CPU time of the follower thread (reading and cutting lines).
+    pub follower_cpu: f64,
+    /// Dry run: entries that would be published, records that would be dead-lettered.
+    pub would_publish: u64,
+    pub would_dead_letter: u64,
 }
 
 /// Handles to stop a running pipeline.
@@ -488,7 +501,7 @@ pub fn run(
     cfg: &Config,
     mode: Mode,
     only_source: Option<&str>,
-    store: Arc<CheckpointStore>,
+    store: Option<Arc<CheckpointStore>>,
     control_rx: impl FnOnce(Control),
     progress: Option<indicatif::ProgressBar>,
 ) -> anyhow::Result<Summary> {
@@ -514,14 +527,23 @@ pub fn run(
         abort: abort_tx,
     });
 
-    let checkpoints = store.all()?;
-    let opts = follow::Options::from_config(&cfg, mode == Mode::Backfill);
-    let marks = RedisMarks::new(&cfg)?;
+    let checkpoints = match &store {
+        Some(s) => s.all()?,
+        None => Vec::new(),
+    };
+    let once = mode != Mode::Follow;
+    let dry = mode == Mode::DryRun;
+    let opts = follow::Options::from_config(&cfg, once);
+    let marks: Box<dyn follow::Marks> = if dry {
+        Box::new(follow::NoMarks)
+    } else {
+        Box::new(RedisMarks::new(&cfg)?)
+    };
     let follower = Follower::new(
         opts,
         follow::SourceSpec::from_config(&cfg),
         checkpoints,
-        Box::new(marks),
+        marks,
     );
 
     // Parse workers.
@@ -552,7 +574,7 @@ pub fn run(
 
     // Committer.
     let names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
-    let interval = if mode == Mode::Backfill {
+    let interval = if once {
         Duration::from_secs(1)
     } else {
         cfg.agent.commit_interval
@@ -584,7 +606,6 @@ pub fn run(
     } else {
         None
     };
-    let once = mode == Mode::Backfill;
     let follower_handle = std::thread::Builder::new()
         .name("follower".into())
         .spawn(move || {
@@ -604,21 +625,43 @@ pub fn run(
                     sized = true;
                 }
             });
-            (f.file_count(), f.held_back())
+            let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+                .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+                .unwrap_or(0.0);
+            (f.file_count(), f.held_back(), cpu)
         })?;
 
     // Publisher on a small tokio runtime of its own.
-    let publisher = Publisher::new(&cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(publisher.run(parsed_rx, ack_tx, abort_rx));
+    let (mut would_publish, mut would_dead) = (0u64, 0u64);
+    let result = if dry {
+        // Count instead of publishing; acks still flow so credits and progress do.
+        let mut rx = parsed_rx;
+        while let Some(p) = rx.blocking_recv() {
+            would_publish += p.offsets.len() as u64;
+            would_dead += p.dead.len() as u64;
+            let _ = ack_tx.send(Ack {
+                file: p.file,
+                end: p.end,
+                read_bytes: p.read_bytes,
+                lines: p.lines,
+            });
+        }
+        drop(ack_tx);
+        drop(abort_rx);
+        Ok(())
+    } else {
+        let publisher = Publisher::new(&cfg)?;
+        rt.block_on(publisher.run(parsed_rx, ack_tx, abort_rx))
+    };
     let aborted = *abort_seen.borrow();
     if let Err(e) = &result {
         error!(error = %e, "publisher stopped");
     }
     // On an error the follower may be blocked on credits: tell it to stop.
-    let (files, (held_bytes, held_files)) = match follower_handle.join() {
+    let (files, (held_bytes, held_files), follower_cpu) = match follower_handle.join() {
         Ok(v) => v,
         Err(_) => anyhow::bail!("follower thread panicked"),
     };
@@ -637,5 +680,8 @@ pub fn run(
         held_back_bytes: held_bytes,
         held_back_files: held_files,
         aborted,
+        follower_cpu,
+        would_publish,
+        would_dead_letter: would_dead,
     })
 }

@@ -220,3 +220,34 @@ fn summary_counts_filter_and_dead_letters() {
     }
     assert_eq!(entries[0].get("msg"), Some("ok 1"), "{:?}", entries[0]);
 }
+
+#[test]
+fn dry_run_parses_and_counts_but_writes_nothing() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &[r#"{"a":1}"#, "not json", r#"{"b":2}"#]);
+    let src = SourceCfg::new("app", &[&logs.path("*.log")]).parser("json");
+    let stream = src.stream();
+    let agent = Agent::new(&redis.url()).source(src);
+    let out = agent.backfill(&["--dry-run"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    assert!(text.contains("dry run: 1 files, 3 lines"), "{text}");
+    assert!(
+        text.contains("would publish 2 entries, dead-letter 1"),
+        "{text}"
+    );
+    assert_eq!(redis.xlen(&stream), 0);
+    assert!(
+        !agent.state_dir().exists(),
+        "a dry run created {}",
+        agent.state_dir().display()
+    );
+    // The real backfill afterwards starts from scratch.
+    let out = agent.backfill(&[]);
+    assert!(
+        stdout(&out).contains("published 2 entries"),
+        "{}",
+        show(&out)
+    );
+}

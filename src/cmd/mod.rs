@@ -130,7 +130,7 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
         &cfg,
         Mode::Follow,
         None,
-        store.clone(),
+        Some(store.clone()),
         |c| {
             let _ = ctl_tx.send(c);
         },
@@ -146,13 +146,23 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
 }
 
 /// `redtail backfill`.
-pub fn backfill(path: &Path, source: Option<&str>, no_progress: bool) -> anyhow::Result<ExitCode> {
+pub fn backfill(
+    path: &Path,
+    source: Option<&str>,
+    no_progress: bool,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(path)?;
     init_tracing(Some(cfg.agent.log_level.as_deref().unwrap_or("warn")));
     if let Some(s) = source {
         cfg.source(s)?;
     }
-    let store = Arc::new(open_store(&cfg)?);
+    // A dry run touches nothing in state_dir (it works while the agent runs).
+    let store = if dry_run {
+        None
+    } else {
+        Some(Arc::new(open_store(&cfg)?))
+    };
     let pb = if !no_progress && std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(
@@ -193,7 +203,11 @@ pub fn backfill(path: &Path, source: Option<&str>, no_progress: bool) -> anyhow:
     });
     let summary = pipeline::run(
         &cfg,
-        Mode::Backfill,
+        if dry_run {
+            Mode::DryRun
+        } else {
+            Mode::Backfill
+        },
         source,
         store.clone(),
         |c| {
@@ -204,10 +218,33 @@ pub fn backfill(path: &Path, source: Option<&str>, no_progress: bool) -> anyhow:
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    store.flush()?;
-    store.export_snapshot()?;
     let secs = summary.seconds.max(1e-9);
     let get = |c: &std::sync::atomic::AtomicU64| crate::stats::get(c);
+    let Some(store) = store else {
+        println!(
+            "dry run: {} files, {} lines, {} bytes in {:.2} s: {:.0} lines/s, {:.1} MB/s",
+            summary.files,
+            summary.lines,
+            summary.bytes,
+            secs,
+            summary.lines as f64 / secs,
+            summary.bytes as f64 / secs / 1e6
+        );
+        println!(
+            "  would publish {} entries, dead-letter {}, drop {} (by filter); nothing was written",
+            summary.would_publish,
+            summary.would_dead_letter,
+            get(&STATS.dropped_by_filter)
+        );
+        println!(
+            "  reading and cutting lines took {:.2} CPU-s in the follower thread: {:.0} MB/s",
+            summary.follower_cpu,
+            summary.bytes as f64 / summary.follower_cpu.max(1e-9) / 1e6
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    store.flush()?;
+    store.export_snapshot()?;
     println!(
         "backfill: {} files, {} lines, {} bytes in {:.2} s: {:.0} lines/s, {:.1} MB/s",
         summary.files,

@@ -223,8 +223,7 @@ pub trait Marks: Send {
     fn get(&mut self, source: usize, field: &str) -> Result<Option<(u32, u64)>, ()>;
 }
 
-/// No Redis: for tests and offline use.
-#[cfg_attr(not(test), allow(dead_code))]
+/// No Redis: for tests and `backfill --dry-run`.
 pub struct NoMarks;
 
 impl Marks for NoMarks {
