@@ -149,12 +149,10 @@ impl Publisher {
                 .client
                 .get_multiplexed_async_connection_with_config(&self.conn_cfg)
                 .await?;
-            // Kept so that a later connection can fence this one off (see `reconcile`).
-            self.conn_id = redis::cmd("CLIENT")
-                .arg("ID")
-                .query_async(&mut c)
-                .await
-                .ok();
+            // Kept so that a later connection can fence this one off (see `reconcile`); a
+            // connection that cannot say its id is not used.
+            let id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut c).await?;
+            self.conn_id = Some(id);
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().unwrap())
