@@ -151,8 +151,18 @@ impl Publisher {
                 .await?;
             // Kept so that a later connection can fence this one off (see `reconcile`); a
             // connection that cannot say its id is not used.
-            let id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut c).await?;
-            self.conn_id = Some(id);
+            self.conn_id = match redis::cmd("CLIENT")
+                .arg("ID")
+                .query_async::<i64>(&mut c)
+                .await
+            {
+                Ok(id) => Some(id),
+                Err(e) if e.code() == Some("NOPERM") => {
+                    warn!("the Redis user may not run CLIENT ID/KILL: after a timeout the agent cannot fence off the old connection, so a reply lost to a timeout may leave a duplicate; grant +client to rule that out");
+                    None
+                }
+                Err(e) => return Err(e),
+            };
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().unwrap())
