@@ -66,7 +66,7 @@ impl Entry {
     }
 }
 
-/// RFC 3339 UTC with milliseconds, without a date library: civil-from-days (H. Hinnant).
+/// Now, RFC 3339 UTC with milliseconds.
 pub fn rfc3339_now() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -74,28 +74,9 @@ pub fn rfc3339_now() -> String {
     rfc3339(now.as_millis() as i64)
 }
 
-/// Formats unix milliseconds as RFC 3339 UTC.
+/// Unix milliseconds as RFC 3339 UTC (the parsers crate's formatter).
 pub fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    redtail_parsers::timestamp::format_unix_ms(ms).unwrap_or_else(|| ms.to_string())
 }
 
 /// Appends dead-lettered records, rotating by size.

@@ -137,6 +137,12 @@ fn to_ms(y: i64, mo: u32, d: u32, h: u32, mi: u32, s: u32, ms: u32) -> Option<i6
     Some(((days * 86_400 + (h * 3600 + mi * 60 + s) as i64) * 1000) + ms as i64)
 }
 
+/// Formats unix milliseconds as RFC 3339 UTC with milliseconds
+/// (`2000-10-10T20:55:36.000Z`); None outside years 0–9999.
+pub fn format_unix_ms(ms: i64) -> Option<String> {
+    format_ms(ms)
+}
+
 fn format_ms(ms: i64) -> Option<String> {
     let days = ms.div_euclid(86_400_000);
     let rem = ms.rem_euclid(86_400_000);

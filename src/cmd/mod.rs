@@ -218,18 +218,9 @@ pub fn backfill(
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    let secs = summary.seconds.max(1e-9);
     let get = |c: &std::sync::atomic::AtomicU64| crate::stats::get(c);
     let Some(store) = store else {
-        println!(
-            "dry run: {} files, {} lines, {} bytes in {:.2} s: {:.0} lines/s, {:.1} MB/s",
-            summary.files,
-            summary.lines,
-            summary.bytes,
-            secs,
-            summary.lines as f64 / secs,
-            summary.bytes as f64 / secs / 1e6
-        );
+        print_rate("dry run", &summary);
         println!(
             "  would publish {} entries, dead-letter {}, drop {} (by filter); nothing was written",
             summary.would_publish,
@@ -245,15 +236,7 @@ pub fn backfill(
     };
     store.flush()?;
     store.export_snapshot()?;
-    println!(
-        "backfill: {} files, {} lines, {} bytes in {:.2} s: {:.0} lines/s, {:.1} MB/s",
-        summary.files,
-        summary.lines,
-        summary.bytes,
-        secs,
-        summary.lines as f64 / secs,
-        summary.bytes as f64 / secs / 1e6
-    );
+    print_rate("backfill", &summary);
     println!(
         "  published {} entries ({} already in Redis), dead-lettered {}, dropped by filter {}",
         get(&STATS.entries_published),
@@ -275,6 +258,20 @@ pub fn backfill(
         return Ok(ExitCode::from(130));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The summary's first line: files, lines, bytes, seconds, lines/s, MB/s.
+fn print_rate(what: &str, s: &pipeline::Summary) {
+    let secs = s.seconds.max(1e-9);
+    println!(
+        "{what}: {} files, {} lines, {} bytes in {:.2} s: {:.0} lines/s, {:.1} MB/s",
+        s.files,
+        s.lines,
+        s.bytes,
+        secs,
+        s.lines as f64 / secs,
+        s.bytes as f64 / secs / 1e6
+    );
 }
 
 /// A Redis URL without its password, for logs.
