@@ -474,3 +474,27 @@ fn files_rotated_and_deleted_while_redis_is_down_are_drained_when_it_is_back() {
     assert!(a.contains(&"b1".to_string()));
     assert_eq!(redis.xrange_messages(&st), ["t1", "t2"]);
 }
+
+#[test]
+fn redis_down_at_startup_delays_files_but_keeps_start_at_end_boundary() {
+    let mut redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["old-1", "old-2"]);
+    let src = SourceCfg::new("app", &[&logs.path("app.log")]).kv("start_at", "\"end\"");
+    let stream = src.stream();
+    let mut agent = Agent::new(&redis.url())
+        .source(src)
+        .redis_kv("retry_max_backoff", "\"200ms\"");
+    redis.kill();
+    agent.run();
+    wait_until("the outage noticed", || {
+        agent.stderr().contains("Redis unavailable")
+    });
+    logs.append("app.log", &["new-1"]); // after start-up, before Redis is back
+    redis.restart();
+    wait_until("new-1 published", || redis.xlen(&stream) == 1);
+    logs.append("app.log", &["new-2"]);
+    wait_until("new-2 published", || redis.xlen(&stream) == 2);
+    assert_eq!(agent.stop().code(), Some(0));
+    assert_eq!(redis.xrange_messages(&stream), ["new-1", "new-2"]);
+}

@@ -450,7 +450,8 @@ pub struct Follower {
     /// The start-up search for files rotated while stopped has run to the end.
     rotated_scan_done: bool,
     /// Files present at start-up whose opening waits for Redis (they keep `start_at`).
-    startup_deferred: HashSet<(usize, FileKey)>,
+    /// (Their `start_at = "end"` position as it was at start-up.)
+    startup_deferred: HashMap<(usize, FileKey), u64>,
     /// Path → followed files, for notify hints; rebuilt after discovery changed things.
     path_index: HashMap<PathBuf, Vec<(usize, FileKey)>>,
     index_stale: bool,
@@ -491,7 +492,7 @@ impl Follower {
             watch_dirs: HashSet::new(),
             marks,
             rotated_scan_done: false,
-            startup_deferred: HashSet::new(),
+            startup_deferred: HashMap::new(),
             path_index: HashMap::new(),
             index_stale: true,
             epoch: Instant::now(),
@@ -1244,14 +1245,16 @@ impl Follower {
                 // nothing could be published now anyway. (It keeps its start-up status.)
                 Err(()) => {
                     if self.startup {
-                        self.startup_deferred.insert((si, key));
+                        let end = end_boundary(&file, meta.len());
+                        self.startup_deferred.insert((si, key), end);
                     }
                     return;
                 }
             },
             None => None,
         };
-        let present_at_startup = self.startup || self.startup_deferred.remove(&(si, key));
+        let deferred_end = self.startup_deferred.remove(&(si, key));
+        let present_at_startup = self.startup || deferred_end.is_some();
         let start = start_point(
             cp,
             current_fp,
@@ -1259,7 +1262,7 @@ impl Follower {
             meta.len(),
             present_at_startup,
             self.sources[si].start_at,
-            || end_boundary(&file, meta.len()),
+            || deferred_end.unwrap_or_else(|| end_boundary(&file, meta.len())),
         );
         if let Some(cp) = cp.filter(|c| c.offset > 0 && current_fp == Some(c.fingerprint)) {
             if mark.is_none_or(|m| m < (cp.generation, cp.offset)) {
