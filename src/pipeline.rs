@@ -375,7 +375,9 @@ pub fn committer(
 ) {
     let mut dirty: HashMap<(usize, FileKey), Checkpoint> = HashMap::new();
     let mut last = Instant::now();
-    let mut last_prune = Instant::now();
+    // Pruned once at start (an agent restarted often would otherwise never prune) and
+    // hourly after that.
+    let mut last_prune: Option<Instant> = None;
     let commit = |dirty: &mut HashMap<(usize, FileKey), Checkpoint>| {
         let Some(store) = store.as_ref() else {
             dirty.clear();
@@ -425,8 +427,9 @@ pub fn committer(
             commit(&mut dirty);
             last = Instant::now();
         }
-        if let (Some(store), true) = (&store, last_prune.elapsed() >= Duration::from_secs(3600)) {
-            last_prune = Instant::now();
+        let prune_due = last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
+        if let (Some(store), true) = (&store, prune_due) {
+            last_prune = Some(Instant::now());
             prune(store, retention);
         }
     }
@@ -684,4 +687,54 @@ pub fn run(
         would_publish,
         would_dead_letter: would_dead,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redtail_state::Fingerprint;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn prune_forgets_only_old_checkpoints_of_files_that_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(&dir.path().join("state")).unwrap();
+        let alive = dir.path().join("alive.log");
+        std::fs::write(&alive, "x\n").unwrap();
+        let m = std::fs::metadata(&alive).unwrap();
+        let cp = |path: &str, key: FileKey, updated_ms: u64| Checkpoint {
+            source: "s".into(),
+            key,
+            fingerprint: Fingerprint { len: 2, hash: 1 },
+            generation: 0,
+            offset: 2,
+            path: path.into(),
+            updated_ms,
+        };
+        let old = 1_000;
+        let alive_key = FileKey {
+            dev: m.dev(),
+            ino: m.ino(),
+        };
+        let gone_key = FileKey { dev: 1, ino: 2 };
+        let fresh_key = FileKey { dev: 1, ino: 3 };
+        store
+            .commit(&[
+                cp(alive.to_str().unwrap(), alive_key, old),
+                cp("/nonexistent/gone.log", gone_key, old),
+                cp("/nonexistent/fresh.log", fresh_key, now_ms()),
+            ])
+            .unwrap();
+        prune(&store, Duration::from_secs(3600));
+        let left: Vec<FileKey> = store.all().unwrap().into_iter().map(|c| c.key).collect();
+        assert!(
+            left.contains(&alive_key),
+            "a quiet file that still exists keeps its checkpoint"
+        );
+        assert!(left.contains(&fresh_key), "a recent checkpoint is kept");
+        assert!(
+            !left.contains(&gone_key),
+            "an old checkpoint of a gone file is removed"
+        );
+    }
 }

@@ -375,8 +375,24 @@ impl CheckpointStore {
             .cache_capacity(SLED_CACHE_BYTES)
             .mode(sled::Mode::LowSpace)
             .flush_every_ms(None);
-        // sled 0.34 may panic instead of erroring on some damaged files.
-        let db = match panic::catch_unwind(AssertUnwindSafe(|| config.open())) {
+        // sled 0.34 may panic instead of erroring on some damaged files. A lock held by a
+        // store that is just being closed (sled releases it from a background thread, a
+        // moment after the last handle is dropped; or a restarting agent's predecessor)
+        // is waited for briefly before it counts as another process's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let opened = loop {
+            let r = panic::catch_unwind(AssertUnwindSafe(|| config.open()));
+            match &r {
+                Ok(Err(sled::Error::Io(e)))
+                    if e.to_string().contains(LOCK_MARKER)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => break r,
+            }
+        };
+        let db = match opened {
             Ok(Ok(db)) => db,
             Ok(Err(e)) => return Err(open_err(&db_path, e)),
             Err(payload) => {

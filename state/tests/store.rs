@@ -154,7 +154,7 @@ fn overlong_source_name_is_rejected_not_truncated() {
 
 /// Writes a raw value under the documented key layout, bypassing the store.
 fn write_raw(state_dir: &std::path::Path, source: &str, dev: u64, ino: u64, value: &[u8]) {
-    let db = sled::open(state_dir.join("checkpoints.sled")).unwrap();
+    let db = sled_open(state_dir.join("checkpoints.sled")).unwrap();
     let tree = db.open_tree("checkpoints").unwrap();
     let mut k = (source.len() as u16).to_be_bytes().to_vec();
     k.extend_from_slice(source.as_bytes());
@@ -202,7 +202,7 @@ fn unknown_layout_version_is_an_error() {
     let dir = TempDir::new("layoutver");
     drop(CheckpointStore::open(dir.path()).unwrap());
     {
-        let db = sled::open(dir.path().join("checkpoints.sled")).unwrap();
+        let db = sled_open(dir.path().join("checkpoints.sled")).unwrap();
         db.open_tree("redtail-meta")
             .unwrap()
             .insert("format", &[9u8])
@@ -332,4 +332,21 @@ fn store_size_stays_bounded_under_rewrites() {
     eprintln!("store size: max {max_size} B, final {final_size} B");
     // Without segment reuse the ~25 MB of rewritten values would exceed this.
     assert!(max_size < 8 << 20, "store grew to {max_size} bytes");
+}
+
+/// `sled::open`, waiting out the lock of a store dropped a moment ago: sled releases its
+/// file lock from a background thread, after the last handle is gone.
+fn sled_open(path: std::path::PathBuf) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(&path) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
