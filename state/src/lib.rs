@@ -379,7 +379,7 @@ impl CheckpointStore {
         // store that is just being closed (sled releases it from a background thread, a
         // moment after the last handle is dropped; or a restarting agent's predecessor)
         // is waited for briefly before it counts as another process's.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
         let opened = loop {
             let r = panic::catch_unwind(AssertUnwindSafe(|| config.open()));
             match &r {
