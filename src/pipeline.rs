@@ -30,7 +30,7 @@ use crate::stats::{add, STATS};
 pub struct Worker {
     sources: Arc<Vec<Source>>,
     parsers: Vec<Box<dyn Parser>>,
-    streams: Vec<(String, String)>,
+    streams: Vec<String>,
     host: String,
     maxlen: u64,
     metadata: bool,
@@ -41,10 +41,7 @@ impl Worker {
     pub fn new(cfg: &Config, sources: Arc<Vec<Source>>) -> Worker {
         Worker {
             parsers: sources.iter().map(|s| s.parser.build()).collect(),
-            streams: sources
-                .iter()
-                .map(|s| (s.stream.clone(), marks_key(&s.stream)))
-                .collect(),
+            streams: sources.iter().map(|s| s.stream.clone()).collect(),
             sources,
             host: cfg.agent.host_name.clone(),
             maxlen: cfg.redis.maxlen,
@@ -58,7 +55,7 @@ impl Worker {
         let si = batch.file.source;
         let src = &self.sources[si];
         let parser = &mut self.parsers[si];
-        let (stream, _) = &self.streams[si];
+        let stream = &self.streams[si];
         let mut xadds = Vec::with_capacity(batch.spans.len());
         let mut offsets = Vec::with_capacity(batch.spans.len());
         let mut dead = Vec::new();

@@ -223,7 +223,8 @@ impl Publisher {
                         let mut c = c.clone();
                         // The commands move into the pipeline (no copy); they come back
                         // with the reply, and are put back only if something failed.
-                        let pipe = take_pipe(&self.marks_keys, &mut group, &txns);
+                        let all: Vec<usize> = (0..txns.len()).collect();
+                        let pipe = pipe_of(&self.marks_keys, &mut group, &txns, &all, true);
                         Some(tokio::spawn(async move {
                             let r = pipe.query_async::<Vec<Value>>(&mut c).await;
                             (pipe, r)
@@ -375,31 +376,6 @@ impl Publisher {
         }
     }
 
-    /// One MULTI/EXEC per pending transaction. A transaction that a later one overtook
-    /// (`no_mark`) is sent without its mark, which is already past it.
-    fn build_pipe(&self, group: &[Parsed], txns: &[Txn], pending: &[usize]) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for &t in pending {
-            let last = &group[*txns[t].batches.last().unwrap()];
-            pipe.cmd("MULTI").ignore();
-            for &b in &txns[t].batches {
-                for c in &group[b].xadds {
-                    pipe.add_command(c.clone()).ignore();
-                }
-            }
-            if !txns[t].no_mark {
-                pipe.cmd("HSET")
-                    .arg(&self.marks_keys[last.file.source])
-                    .arg(&last.file.mark_field)
-                    .arg(format!("{}:{}", last.file.generation, last.end))
-                    .ignore();
-            }
-            pipe.cmd("EXEC");
-        }
-        pipe
-    }
-
     /// Reads the EXEC replies of `pending` transactions and sets their states.
     fn apply_replies(
         &mut self,
@@ -477,7 +453,7 @@ impl Publisher {
             if pending.is_empty() {
                 break;
             }
-            let pipe = self.build_pipe(group, txns, &pending);
+            let pipe = pipe_of(&self.marks_keys, group, txns, &pending, false);
             let result: Result<Vec<Value>, RedisError> = match self.connect().await {
                 Ok(c) => pipe.query_async(c).await,
                 Err(e) => Err(e),
@@ -798,30 +774,47 @@ async fn landed(
     }
 }
 
-/// The fast-path pipeline: every transaction of `txns`, the XADDs moved out of `group`.
-fn take_pipe(marks_keys: &[String], group: &mut [Parsed], txns: &[Txn]) -> redis::Pipeline {
+/// One MULTI/EXEC per transaction in `pending`. The fast path (`take`) moves the XADDs out
+/// of `group` (no copy; `restore` puts them back if something fails); the careful path
+/// copies them, since it may need them again. A transaction that a later one overtook
+/// (`no_mark`) goes without its mark, which is already past it.
+fn pipe_of(
+    marks_keys: &[String],
+    group: &mut [Parsed],
+    txns: &[Txn],
+    pending: &[usize],
+    take: bool,
+) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for t in txns {
-        let last = *t.batches.last().unwrap();
+    for &t in pending {
+        let last = *txns[t].batches.last().unwrap();
         pipe.cmd("MULTI").ignore();
-        for &b in &t.batches {
-            for c in std::mem::take(&mut group[b].xadds) {
-                pipe.add_command(c).ignore();
+        for &b in &txns[t].batches {
+            if take {
+                for c in std::mem::take(&mut group[b].xadds) {
+                    pipe.add_command(c).ignore();
+                }
+            } else {
+                for c in &group[b].xadds {
+                    pipe.add_command(c.clone()).ignore();
+                }
             }
         }
-        let f = &group[last].file;
-        pipe.cmd("HSET")
-            .arg(&marks_keys[f.source])
-            .arg(&f.mark_field)
-            .arg(format!("{}:{}", f.generation, group[last].end))
-            .ignore();
+        if !txns[t].no_mark {
+            let f = &group[last].file;
+            pipe.cmd("HSET")
+                .arg(&marks_keys[f.source])
+                .arg(&f.mark_field)
+                .arg(format!("{}:{}", f.generation, group[last].end))
+                .ignore();
+        }
         pipe.cmd("EXEC");
     }
     pipe
 }
 
-/// Puts the XADDs `take_pipe` moved out back into `group` (copies; failure path only).
+/// Puts the XADDs `pipe_of(.., take)` moved out back into `group` (copies; failure path only).
 fn restore(group: &mut [Parsed], txns: &[Txn], pipe: Option<&redis::Pipeline>) {
     let Some(pipe) = pipe else { return };
     let mut cmds = pipe.cmd_iter();
