@@ -370,12 +370,14 @@ pub fn committer(
     retention: Duration,
     mut on_ack: impl FnMut(&Ack),
 ) {
-    let mut dirty: HashMap<(usize, FileKey), Checkpoint> = HashMap::new();
+    // The latest ack per file; checkpoints are built only when committed (no allocation
+    // per ack on the hot path).
+    let mut dirty: HashMap<(usize, FileKey), (Arc<crate::record::FileInfo>, u64)> = HashMap::new();
     let mut last = Instant::now();
     // Pruned once at start (an agent restarted often would otherwise never prune) and
     // hourly after that.
     let mut last_prune: Option<Instant> = None;
-    let commit = |dirty: &mut HashMap<(usize, FileKey), Checkpoint>| {
+    let commit = |dirty: &mut HashMap<(usize, FileKey), (Arc<crate::record::FileInfo>, u64)>| {
         let Some(store) = store.as_ref() else {
             dirty.clear();
             return;
@@ -383,7 +385,19 @@ pub fn committer(
         if dirty.is_empty() {
             return;
         }
-        let ups: Vec<Checkpoint> = dirty.drain().map(|(_, c)| c).collect();
+        let now_ms = now_ms();
+        let ups: Vec<Checkpoint> = dirty
+            .drain()
+            .map(|(_, (f, end))| Checkpoint {
+                source: names[f.source].clone(),
+                key: f.key,
+                fingerprint: f.fingerprint,
+                generation: f.generation,
+                offset: end,
+                path: f.path.clone(),
+                updated_ms: now_ms,
+            })
+            .collect();
         let r = store
             .commit(&ups)
             .and_then(|_| store.flush())
@@ -400,19 +414,7 @@ pub fn committer(
         match acks.recv_timeout(timeout) {
             Ok(a) => {
                 on_ack(&a);
-                let now_ms = now_ms();
-                dirty.insert(
-                    (a.file.source, a.file.key),
-                    Checkpoint {
-                        source: names[a.file.source].clone(),
-                        key: a.file.key,
-                        fingerprint: a.file.fingerprint,
-                        generation: a.file.generation,
-                        offset: a.end,
-                        path: a.file.path.clone(),
-                        updated_ms: now_ms,
-                    },
-                );
+                dirty.insert((a.file.source, a.file.key), (a.file, a.end));
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
