@@ -524,8 +524,21 @@ pub fn run(
     let (stop_tx, stop_rx) = bounded::<()>(1);
     let (abort_tx, abort_rx) = tokio::sync::watch::channel(false);
     let abort_seen = abort_rx.clone();
+    // The follower stops when `stop_tx` is dropped: by the caller (a signal), or when the
+    // publisher fails (the follower may be idle, not blocked on a send, and would not notice).
+    let (ctl_stop_tx, ctl_stop_rx) = bounded::<()>(1);
+    let (stop_on_error, publisher_failed) = bounded::<()>(1);
+    std::thread::Builder::new()
+        .name("stop".into())
+        .spawn(move || {
+            crossbeam_channel::select! {
+                recv(ctl_stop_rx) -> _ => {},
+                recv(publisher_failed) -> _ => {},
+            }
+            drop(stop_tx);
+        })?;
     control_rx(Control {
-        stop_reading: Some(stop_tx),
+        stop_reading: Some(ctl_stop_tx),
         abort: abort_tx,
     });
 
@@ -661,7 +674,9 @@ pub fn run(
     let aborted = *abort_seen.borrow();
     if let Err(e) = &result {
         error!(error = %e, "publisher stopped");
+        let _ = stop_on_error.try_send(());
     }
+    drop(stop_on_error);
     // On an error the follower may be blocked on credits: tell it to stop.
     let (files, (held_bytes, held_files), follower_cpu) = match follower_handle.join() {
         Ok(v) => v,

@@ -354,7 +354,7 @@ impl Publisher {
         careful: bool,
         abort: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Next> {
-        let replies = match result.map(|v| split_replies(v, pending.len())) {
+        let replies = match result.map(|v| split_replies(v, txns, pending, careful)) {
             Ok(Some(r)) => r,
             other => {
                 restore(group, txns, pending, pipe.as_ref());
@@ -374,7 +374,7 @@ impl Publisher {
         };
         let clean_so_far = replies.iter().all(|r| {
             matches!(txn::classify(r), Ok(TxnReply::Applied))
-                && matches!(&r[3], protocol::Reply::Items { errors, .. } if errors.is_empty())
+                && matches!(&r.head[3], protocol::Reply::Items { errors, .. } if errors.is_empty())
         });
         if !clean_so_far {
             restore(group, txns, pending, pipe.as_ref());
@@ -389,7 +389,7 @@ impl Publisher {
             };
             match txn::classify(r) {
                 Ok(outcome @ (TxnReply::Applied | TxnReply::Unchecked(_))) => {
-                    let protocol::Reply::Items { errors, len } = &r[3] else {
+                    let protocol::Reply::Items { errors, len } = &r.head[3] else {
                         unreachable!("classify: applied means an array");
                     };
                     let sent = txns[t].sent;

@@ -252,13 +252,16 @@ pub fn transient_code(code: &str) -> bool {
     )
 }
 
-/// Classifies a transaction's replies. `Err` when the framing itself failed (WATCH or MULTI
-/// refused): what the EXEC did cannot be trusted, the file is uncertain.
+/// Classifies a transaction's replies. `queued`: the first error among the queued
+/// commands' replies, when they were kept (EXECABORT does not name its cause). `Err` when the
+/// framing itself failed (WATCH or MULTI refused): what the EXEC did cannot be trusted, the
+/// file is uncertain.
 pub fn classify(
     watch: &Reply,
     eval: &Reply,
     multi: &Reply,
     exec: &Reply,
+    queued: Option<&Reply>,
 ) -> Result<TxnReply, String> {
     for (what, r) in [("WATCH", watch), ("MULTI", multi)] {
         if let Reply::Error { code, text } = r {
@@ -276,26 +279,24 @@ pub fn classify(
             _ => Ok(TxnReply::Mismatch),
         },
         Reply::Error { code, text } => {
-            // EXECABORT names the cause in its text ("… previous errors", and the queued
-            // command's own error came before it); the cause is what decides.
-            let oom = text.contains("OOM") || code == "OOM";
-            let cause_transient = oom
-                || transient_code(code)
-                || [
-                    "LOADING",
-                    "BUSY",
-                    "TRYAGAIN",
-                    "CLUSTERDOWN",
-                    "MASTERDOWN",
-                    "READONLY",
-                ]
-                .iter()
-                .any(|c| text.contains(c));
-            let error = format!("{code} {text}");
-            if cause_transient {
-                Ok(TxnReply::Refused { oom, error })
-            } else {
-                Ok(TxnReply::Permanent(error))
+            let error = match queued {
+                Some(Reply::Error { code: c, text: t }) => format!("{code} {text} ({c} {t})"),
+                _ => format!("{code} {text}"),
+            };
+            match queued {
+                // The cause is known: it decides.
+                Some(Reply::Error { code: c, .. }) if transient_code(c) => Ok(TxnReply::Refused {
+                    oom: c == "OOM",
+                    error,
+                }),
+                Some(Reply::Error { .. }) => Ok(TxnReply::Permanent(error)),
+                // EXECABORT without its cause (the fast path does not keep the queued
+                // replies): try again on the careful path, which does.
+                _ if code == "EXECABORT" || transient_code(code) => Ok(TxnReply::Refused {
+                    oom: code == "OOM",
+                    error,
+                }),
+                _ => Ok(TxnReply::Permanent(error)),
             }
         }
         other => Err(format!("EXEC replied {other:?}")),
@@ -376,6 +377,10 @@ mod tests {
         }
     }
 
+    fn classify(w: &Reply, e: &Reply, m: &Reply, x: &Reply) -> Result<TxnReply, String> {
+        super::classify(w, e, m, x, None)
+    }
+
     #[test]
     fn classify_replies() {
         let items = Reply::Items {
@@ -398,20 +403,26 @@ mod tests {
             classify(&Reply::Ok, &err("NOPERM", "x"), &Reply::Ok, &items),
             Ok(TxnReply::Unchecked(_))
         ));
-        let oom = err(
+        let abort = err(
             "EXECABORT",
-            "Transaction discarded because of: OOM command not allowed",
+            "Transaction discarded because of previous errors.",
         );
+        // Without the cause: transient, to be tried on the careful path.
         assert!(matches!(
-            classify(&Reply::Ok, &Reply::Int(1), &Reply::Ok, &oom),
+            classify(&Reply::Ok, &Reply::Int(1), &Reply::Ok, &abort),
+            Ok(TxnReply::Refused { oom: false, .. })
+        ));
+        let oom = err("OOM", "command not allowed when used memory > 'maxmemory'.");
+        assert!(matches!(
+            super::classify(&Reply::Ok, &Reply::Int(1), &Reply::Ok, &abort, Some(&oom)),
             Ok(TxnReply::Refused { oom: true, .. })
         ));
         let perm = err(
-            "EXECABORT",
-            "Transaction discarded because of: NOPERM this user has no permissions",
+            "NOPERM",
+            "User x has no permissions to run the 'xadd' command",
         );
         assert!(matches!(
-            classify(&Reply::Ok, &Reply::Int(1), &Reply::Ok, &perm),
+            super::classify(&Reply::Ok, &Reply::Int(1), &Reply::Ok, &abort, Some(&perm)),
             Ok(TxnReply::Permanent(_))
         ));
         assert!(classify(&err("ERR", "x"), &Reply::Int(1), &Reply::Ok, &items).is_err());

@@ -169,16 +169,20 @@ pub fn pipe_of(
                     pipe.add_command(c).ignore();
                 }
             } else {
+                // The careful path keeps the QUEUED replies: a refusal's cause is there
+                // (EXECABORT itself does not say it).
                 for c in &group[b].xadds[..n] {
-                    pipe.add_command(c.clone()).ignore();
+                    pipe.add_command(c.clone());
                 }
             }
         }
         pipe.cmd("HSET")
             .arg(&k.marks)
             .arg(&file.mark_field)
-            .arg(fmt_mark(txn.new))
-            .ignore();
+            .arg(fmt_mark(txn.new));
+        if take {
+            pipe.ignore();
+        }
         pipe.cmd("EXEC");
     }
     pipe
@@ -238,21 +242,47 @@ pub fn server_error_text(se: &redis::ServerError) -> String {
     }
 }
 
-/// The four replies of each pending transaction, in order. None when the count is off
-/// (treated as an uncertain outcome).
-pub fn split_replies(values: Vec<Value>, n: usize) -> Option<Vec<[Reply; 4]>> {
-    if values.len() != 4 * n {
-        return None;
-    }
-    Some(
-        values
-            .chunks(4)
-            .map(|c| [reply(&c[0]), reply(&c[1]), reply(&c[2]), reply(&c[3])])
-            .collect(),
-    )
+/// The replies of one transaction: WATCH, EVAL, MULTI, EXEC, and the first error among the
+/// queued commands' replies (kept on the careful path only).
+pub struct TxnReplies {
+    pub head: [Reply; 4],
+    pub queued_error: Option<Reply>,
 }
 
-/// Classifies one transaction's four replies.
-pub fn classify(r: &[Reply; 4]) -> Result<protocol::TxnReply, String> {
-    protocol::classify(&r[0], &r[1], &r[2], &r[3])
+/// The replies of each pending transaction, in order. None when the count is off (treated
+/// as an uncertain outcome). `careful`: the queued commands' replies are there too.
+pub fn split_replies(
+    values: Vec<Value>,
+    txns: &[Txn],
+    pending: &[usize],
+    careful: bool,
+) -> Option<Vec<TxnReplies>> {
+    let sizes: Vec<usize> = pending
+        .iter()
+        .map(|&t| if careful { 5 + txns[t].sent } else { 4 })
+        .collect();
+    if values.len() != sizes.iter().sum::<usize>() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    let mut i = 0;
+    for n in sizes {
+        let c = &values[i..i + n];
+        i += n;
+        let queued = &c[3..n - 1];
+        out.push(TxnReplies {
+            head: [reply(&c[0]), reply(&c[1]), reply(&c[2]), reply(&c[n - 1])],
+            queued_error: queued
+                .iter()
+                .find(|v| matches!(v, Value::ServerError(_)))
+                .map(reply),
+        });
+    }
+    Some(out)
+}
+
+/// Classifies one transaction's replies.
+pub fn classify(r: &TxnReplies) -> Result<protocol::TxnReply, String> {
+    let h = &r.head;
+    protocol::classify(&h[0], &h[1], &h[2], &h[3], r.queued_error.as_ref())
 }

@@ -80,6 +80,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     aof: bool,
+    /// Extra redis-server arguments (e.g. `--rename-command CLIENT ""`).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -102,7 +104,16 @@ impl RedisServer {
         Self::start_opts(true)
     }
 
+    /// No persistence, with extra redis-server arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_opts_with(false, extra)
+    }
+
     fn start_opts(aof: bool) -> Self {
+        Self::start_opts_with(aof, &[])
+    }
+
+    fn start_opts_with(aof: bool, extra: &[&str]) -> Self {
         // Another process may grab the port between our probe and redis' bind: retry.
         let mut last = String::new();
         for _ in 0..5 {
@@ -113,6 +124,7 @@ impl RedisServer {
                     .tempdir()
                     .expect("tempdir for redis"),
                 aof,
+                extra: extra.iter().map(|a| a.to_string()).collect(),
                 child: None,
             };
             match s.spawn_and_wait() {
@@ -150,6 +162,7 @@ impl RedisServer {
         } else {
             cmd.args(["--appendonly", "no"]);
         }
+        cmd.args(&self.extra);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -277,6 +290,20 @@ impl RedisServer {
             .filter(|e| e.path() == p)
             .map(|e| e.message().to_string())
             .collect()
+    }
+
+    /// Calls of one command since start, from INFO commandstats (0 when never called).
+    pub fn command_calls(&self, name: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.conn())
+            .unwrap();
+        let key = format!("cmdstat_{}:calls=", name.to_lowercase());
+        info.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn xlen(&self, stream: &str) -> usize {
