@@ -572,6 +572,7 @@ impl Publisher {
                     Ok(marks) => {
                         for (f, m) in files.iter().zip(marks) {
                             self.chain.set(f.source, &f.mark_field, m);
+                            self.chain.confirm(f.source, &f.mark_field, m);
                             read_now.insert((f.source, f.mark_field.clone()));
                         }
                     }
@@ -672,7 +673,7 @@ impl Publisher {
     /// After a reconnect: reads the mark of every file the publisher has published to
     /// (pipelined, in chunks) and reports each one that Redis lost.
     async fn recheck_known(&mut self, c: &mut MultiplexedConnection) -> Result<(), RedisError> {
-        let known = self.chain.known();
+        let known = self.chain.confirmed();
         for chunk in known.chunks(1000) {
             let mut pipe = redis::pipe();
             for (s, field, _) in chunk {
@@ -689,7 +690,11 @@ impl Publisher {
                         .unwrap_or_else(|| field.clone());
                     self.report_gap(&path, field, gap);
                 }
-                self.chain.set(*s, field, read);
+                // The tip is read again where a transaction is pending (it was forgotten).
+                if self.chain.knows(*s, field) {
+                    self.chain.set(*s, field, read);
+                }
+                self.chain.confirm(*s, field, read);
             }
         }
         Ok(())

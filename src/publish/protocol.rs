@@ -94,6 +94,9 @@ pub fn guard_key(marks_key: &str) -> String {
 #[derive(Default, Debug)]
 pub struct Chain {
     tips: HashMap<(usize, String), Option<Mark>>,
+    /// The last mark Redis confirmed per file (a reply, or a read): what a later read is
+    /// compared with. The tip may be ahead of it by what is in flight.
+    confirmed: HashMap<(usize, String), Option<Mark>>,
 }
 
 impl Chain {
@@ -110,9 +113,13 @@ impl Chain {
     pub fn forget(&mut self, source: usize, field: &str) {
         self.tips.remove(&(source, field.to_string()));
     }
-    /// Every file whose mark is known, for the check after a reconnect.
-    pub fn known(&self) -> Vec<(usize, String, Option<Mark>)> {
-        self.tips
+    /// Redis said so: a transaction's reply, or a read.
+    pub fn confirm(&mut self, source: usize, field: &str, m: Option<Mark>) {
+        self.confirmed.insert((source, field.to_string()), m);
+    }
+    /// Every file with a confirmed mark, for the check after a reconnect.
+    pub fn confirmed(&self) -> Vec<(usize, String, Option<Mark>)> {
+        self.confirmed
             .iter()
             .map(|((s, f), t)| (*s, f.clone(), *t))
             .collect()
