@@ -150,3 +150,99 @@ fn fails_clearly_before_the_first_snapshot() {
     );
     assert!(agent.stop().success());
 }
+
+/// Every path under `dir` (recursively) with its size and mtime.
+fn listing(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+            out.push((e.path(), m.len(), m.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn checkpoints_writes_nothing_with_or_without_a_running_agent() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["l1", "l2", "l3"]);
+    let src = SourceCfg::new("app", &[&logs.path("*.log")]).parser("raw");
+    let stream = src.stream();
+    let mut agent = Agent::new(&redis.url()).source(src);
+    let p = logs.path("app.log");
+    assert!(agent.backfill(&[]).status.success());
+    let state = agent.state_dir();
+    // The backfill has exited: nothing writes to the state dir any more.
+    let before = listing(&state);
+    assert!(
+        before
+            .iter()
+            .any(|(f, ..)| f.ends_with("checkpoints.sled/db")),
+        "{before:#?}"
+    );
+    // Stopped: read from the store, three times, as table and JSON.
+    for _ in 0..3 {
+        let rows = agent.checkpoints_json();
+        assert_eq!(rows.len(), 1, "{rows:#?}");
+        check_row(&rows[0], &p, 9);
+        let table = agent.cmd(&["checkpoints", "-c", agent.cfg()]);
+        assert!(table.status.success(), "{}", show(&table));
+        assert!(String::from_utf8_lossy(&table.stdout).contains("from the store"));
+    }
+    assert_eq!(
+        listing(&state),
+        before,
+        "`checkpoints` changed the state dir of a stopped agent"
+    );
+    // The store is intact: a backfill after it sees the checkpoint (publishes nothing twice).
+    assert!(agent.backfill(&[]).status.success());
+    assert_eq!(redis.xlen(&stream), 3);
+
+    // Running: the snapshot; the idle agent writes nothing either, so the listing holds.
+    agent.run();
+    logs.append("app.log", &["l4"]);
+    agent.wait_checkpoint(&p, 12);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let before = listing(&state);
+    for _ in 0..3 {
+        let rows = agent.checkpoints_json();
+        check_row(&rows[0], &p, 12);
+    }
+    assert_eq!(
+        listing(&state),
+        before,
+        "`checkpoints` changed the state dir of a running agent"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn checkpoints_with_a_missing_state_dir_says_so_and_creates_nothing() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    let src = SourceCfg::new("app", &[&logs.path("*.log")]).parser("raw");
+    let agent = Agent::new(&redis.url()).source(src);
+    let state = agent.state_dir();
+    assert!(!state.exists());
+    for args in [&["--json"][..], &[]] {
+        let mut a = vec!["checkpoints", "-c", agent.cfg()];
+        a.extend_from_slice(args);
+        let out = agent.cmd(&a);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("does not exist") && err.contains(state.to_str().unwrap()),
+            "{}",
+            show(&out)
+        );
+        assert!(out.stdout.is_empty(), "{}", show(&out));
+        assert!(!state.exists(), "`checkpoints` created the state dir");
+    }
+}
