@@ -918,8 +918,27 @@ pub fn run(
     let abort_seen = abort_rx.clone();
     // A parse worker that panics stops everything through these (see `worker_loop`).
     let fatal: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    // The follower stops when `stop_reading` is dropped (or sent to), or when a worker
+    // panics. The workers cannot hold a clone of `stop_tx` (dropping `stop_reading` would no
+    // longer stop anything): a relay turns either into the follower's own stop channel.
+    let (fatal_tx, fatal_rx) = bounded::<()>(1);
+    let (follow_stop_tx, follow_stop_rx) = bounded::<()>(1);
+    std::thread::Builder::new()
+        .name("stop-relay".into())
+        .spawn(move || {
+            crossbeam_channel::select! {
+                recv(stop_rx) -> _ => {}
+                recv(fatal_rx) -> r => {
+                    if r.is_err() {
+                        // Every worker finished normally: only `stop_reading` is left.
+                        let _ = stop_rx.recv();
+                    }
+                }
+            }
+            drop(follow_stop_tx);
+        })?;
     let fatal_stop = FatalStop {
-        stop: stop_tx.clone(),
+        stop: fatal_tx,
         abort: abort_tx.clone(),
         reason: fatal.clone(),
     };
@@ -1010,12 +1029,12 @@ pub fn run(
                 credits: credit_tx,
                 batches: batch_tx,
                 issued: issued_tx,
-                shutdown: stop_rx.clone(),
+                shutdown: follow_stop_rx.clone(),
                 recycled: recycle_rx,
             };
             let pb = progress;
             let mut sized = false;
-            let f = follow::run_thread(follower, &mut sink, hints, stop_rx, once, |f| {
+            let f = follow::run_thread(follower, &mut sink, hints, follow_stop_rx, once, |f| {
                 if let (Some(pb), false) = (&pb, sized) {
                     let (total, done) = f.progress();
                     pb.set_length(total);

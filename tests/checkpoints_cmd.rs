@@ -246,3 +246,72 @@ fn checkpoints_with_a_missing_state_dir_says_so_and_creates_nothing() {
         assert!(!state.exists(), "`checkpoints` created the state dir");
     }
 }
+
+fn marks(redis: &RedisServer, stream: &str) -> std::collections::HashMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(format!("{{{stream}}}:redtail:marks"))
+        .query(&mut redis.conn())
+        .unwrap()
+}
+
+#[test]
+fn pruned_checkpoints_take_their_redis_marks_along_retried_while_redis_is_down() {
+    let mut redis = RedisServer::start_with_aof();
+    let logs = LogDir::new();
+    logs.append("gone.log", &["g1", "g2"]);
+    logs.append("kept.log", &["k1"]);
+    let src = SourceCfg::new("app", &[&logs.path("*.log")]).parser("raw");
+    let stream = src.stream();
+    let mut agent = Agent::new(&redis.url()).source(src);
+    assert!(agent.backfill(&[]).status.success());
+    let rows = agent.checkpoints_json();
+    let field_of = |name: &str| {
+        let p = logs.path(name);
+        rows.iter()
+            .find(|c| c["path"] == p.to_str().unwrap())
+            .unwrap_or_else(|| panic!("no checkpoint for {name}: {rows:#?}"))["file_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (gone, kept) = (field_of("gone.log"), field_of("kept.log"));
+    let m = marks(&redis, &stream);
+    assert!(m.contains_key(&gone) && m.contains_key(&kept), "{m:?}");
+
+    logs.remove("gone.log");
+    agent = agent.agent_kv("checkpoint_retention", "\"1ms\"");
+    // Redis down at the prune: neither the mark nor the checkpoint goes (not lost, not
+    // blocking: the agent stops normally).
+    redis.kill();
+    agent.run();
+    wait_until("the prune to give up on Redis", || {
+        agent
+            .stderr()
+            .contains("cannot remove the Redis-side marks")
+    });
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+    assert_eq!(
+        agent.checkpoints_json().len(),
+        2,
+        "pruned although its mark stayed"
+    );
+
+    // Redis back: the next prune (at start) removes the mark, then the checkpoint.
+    redis.restart();
+    let m = marks(&redis, &stream);
+    assert!(m.contains_key(&gone), "AOF lost the mark: {m:?}");
+    agent.run();
+    wait_until("the gone file's mark removed", || {
+        !marks(&redis, &stream).contains_key(&gone)
+    });
+    // Still running and healthy: the kept file goes on.
+    logs.append("kept.log", &["k2"]);
+    wait_until("k2 published", || redis.xlen(&stream) == 4);
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+    let m = marks(&redis, &stream);
+    assert_eq!(m.keys().collect::<Vec<_>>(), [&kept], "{m:?}");
+    let rows = agent.checkpoints_json();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0]["file_id"], kept.as_str());
+    assert_eq!(rows[0]["offset"], 6);
+}
