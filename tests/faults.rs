@@ -355,13 +355,29 @@ fn corrupt_state_dir_stops_the_agent_with_the_recovery_commands() {
             std::fs::write(e.path(), b"\x00garbage\xff".repeat(100)).unwrap();
         }
     }
+    // Without the Redis-side marks, only the store's refusal stands between this backfill
+    // and publishing both lines again: an agent that started from zero would do just that.
+    let marks = format!("{{{stream}}}:redtail:marks");
+    let _: () = redis::cmd("DEL")
+        .arg(&marks)
+        .query(&mut redis.conn())
+        .unwrap();
     let out = agent.backfill(&[]);
-    assert!(!out.status.success(), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is corrupt or unreadable"), "{err}");
+    assert!(err.contains("redtail did not start"), "{err}");
     assert!(err.contains("redtail state recover"), "{err}");
+    assert!(out.stdout.is_empty(), "{}", show(&out));
     // Nothing was published again, and nothing silently restarted from zero.
     assert_eq!(redis.xlen(&stream), 2);
-    // The documented recovery works, and the marks keep lines from being published twice.
+    let n: usize = redis::cmd("HLEN")
+        .arg(&marks)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(n, 0, "the refused run wrote marks");
+    // The documented recovery works: the snapshot's checkpoints (there are no marks now)
+    // keep the two lines from being published twice.
     let rec = agent.cmd(&["state", "recover", "-c", agent.cfg(), "--from-snapshot"]);
     assert!(rec.status.success(), "{}", show(&rec));
     logs.append("app.log", &["three"]);
@@ -411,10 +427,17 @@ fn sigterm_while_redis_is_down_exits_within_the_timeout_and_loses_nothing() {
     });
     let t = std::time::Instant::now();
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+    let took = t.elapsed();
+    // Unpublished lines are waited for until the 1 s timeout, not less (the timer starts
+    // when the signal arrives, after `t`), and the agent then exits promptly: well within
+    // a few timeouts, far below the 10 s default it would take with the setting ignored.
     assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        t.elapsed()
+        took >= Duration::from_secs(1),
+        "exited after {took:?}, before agent.shutdown_timeout (1 s)"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "exited {took:?} after SIGTERM; agent.shutdown_timeout is 1 s"
     );
     assert!(
         agent.stderr().contains("shutdown_timeout reached"),

@@ -116,3 +116,61 @@ fn sigterm_while_idle_exits_zero_and_commits() {
     assert!(st.success(), "{st:?}; stderr:\n{}", agent.stderr());
     assert_eq!(agent.checkpoint_of(&logs.path("app.log"))["offset"], 5);
 }
+
+#[test]
+fn a_panicking_parse_worker_stops_the_agent_non_zero_and_nothing_from_its_batch_on_is_kept() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    let p = logs.path("app.log");
+    logs.append("app.log", &["a1", "a2"]);
+    let src = SourceCfg::new("app", &[&logs.path("*.log")]).parser("raw");
+    let stream = src.stream();
+    let mut agent = Agent::new(&redis.url()).source(src);
+    agent.write_config();
+    let err_path = agent.dir.path().join("panic.stderr");
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "-c", agent.cfg()])
+        .env("RUST_LOG", "info")
+        // The test hook (see pipeline::Worker): a worker panics on a record containing this.
+        .env("REDTAIL_TEST_HOOK_PANIC_ON", "BOOM")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("a1 a2 published", || redis.xlen(&stream) == 2);
+    agent.wait_checkpoint(&p, 6);
+    logs.append("app.log", &["BOOM 3", "a4"]);
+    // Promptly, and not with success.
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the agent hangs after a worker panic; stderr:\n{}",
+                std::fs::read_to_string(&err_path).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(!status.success(), "{status:?}; stderr:\n{err}");
+    assert!(
+        err.lines().any(|l| l.contains("ERROR")
+            && l.contains("panicked on bytes 6..16 of")
+            && l.contains(p.to_str().unwrap())),
+        "{err}"
+    );
+    // Nothing of the batch (nor after it) was published or checkpointed.
+    assert_eq!(redis.xrange_messages(&stream), ["a1", "a2"]);
+    assert_eq!(agent.checkpoint_of(&p)["offset"], 6);
+    // Without the fault, a restart reads the batch again: everything once, in order.
+    agent.run();
+    wait_until("all 4 lines", || redis.xlen(&stream) >= 4);
+    assert!(agent.stop().success());
+    assert_eq!(redis.xrange_messages(&stream), ["a1", "a2", "BOOM 3", "a4"]);
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use redtail_parsers::{Fields, ParserSpec};
-use redtail_state::{Checkpoint, CheckpointStore, StateError};
+use redtail_state::{Checkpoint, StateError};
 
 use crate::config::Config;
 use crate::deadletter::rfc3339;
@@ -14,21 +14,27 @@ use crate::record::file_id;
 
 /// `redtail checkpoints`: from the store when it is free, from the snapshot the running
 /// agent exports after every commit when it is not (sled allows one process at a time).
+/// Writes nothing in `state_dir`, whichever it reads ([`redtail_state::read_only`]).
 pub fn checkpoints(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(path)?;
-    let (list, origin) = match CheckpointStore::open(&cfg.agent.state_dir) {
-        Ok(store) => (store.all()?, "store".to_string()),
-        Err(StateError::Locked { .. }) => match redtail_state::read_snapshot(&cfg.agent.state_dir)? {
+    let dir = &cfg.agent.state_dir;
+    let (list, origin) = match redtail_state::read_only(dir) {
+        Ok(list) => (list, "store".to_string()),
+        Err(StateError::Locked { .. }) => match redtail_state::read_snapshot(dir)? {
             Some(s) => (
                 s.checkpoints,
                 format!("snapshot written {} by the running agent", rfc3339(s.written_ms as i64)),
             ),
             None => anyhow::bail!(
                 "the agent holds the store and has not exported a snapshot yet ({}/checkpoints.json); try again after its first commit",
-                cfg.agent.state_dir.display()
+                dir.display()
             ),
         },
-        Err(e) => return Err(super::open_store(&cfg).err().unwrap_or_else(|| e.into())),
+        Err(StateError::NoStateDir { .. }) => anyhow::bail!(
+            "agent.state_dir {} does not exist: there are no checkpoints (has `redtail run` or `redtail backfill` run with this config?); nothing was created",
+            dir.display()
+        ),
+        Err(e) => return Err(super::explain_store_error(&cfg, e)),
     };
     let rows: Vec<serde_json::Value> = list.iter().map(row).collect();
     let mut out = std::io::stdout().lock();

@@ -39,21 +39,25 @@ pub fn init_tracing(level: Option<&str>) {
 
 /// Opens the checkpoint store, turning sled's failures into instructions.
 pub fn open_store(cfg: &Config) -> anyhow::Result<CheckpointStore> {
-    match CheckpointStore::open(&cfg.agent.state_dir) {
-        Ok(s) => Ok(s),
-        Err(e @ StateError::Locked { .. }) => Err(anyhow::anyhow!(
+    CheckpointStore::open(&cfg.agent.state_dir).map_err(|e| explain_store_error(cfg, e))
+}
+
+/// A store error with what to do about it.
+pub fn explain_store_error(cfg: &Config, e: StateError) -> anyhow::Error {
+    match e {
+        e @ StateError::Locked { .. } => anyhow::anyhow!(
             "{e}\n  Another redtail process is using agent.state_dir = {}. Stop it first (`systemctl stop redtail`), or give this run its own state_dir.",
             cfg.agent.state_dir.display()
-        )),
-        Err(e @ StateError::Corrupt { .. }) => Err(anyhow::anyhow!(
+        ),
+        e @ StateError::Corrupt { .. } => anyhow::anyhow!(
             "{e}\n  The checkpoint store cannot be read; redtail did not start. To recover (the damaged store is moved aside, never deleted):\n    redtail state recover -c {} --from-snapshot   # rebuild from the last exported checkpoints.json\n    redtail state recover -c {}                   # start with no checkpoints\n  Either way the Redis-side high-water marks stop lines already in Redis from being published twice (docs/checkpoints.md).",
             cfg.path.display(),
             cfg.path.display()
-        )),
-        Err(e) => Err(anyhow::Error::new(e).context(format!(
+        ),
+        e => anyhow::Error::new(e).context(format!(
             "opening the checkpoint store in {}",
             cfg.agent.state_dir.display()
-        ))),
+        )),
     }
 }
 

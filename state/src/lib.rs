@@ -66,7 +66,7 @@ use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -193,6 +193,13 @@ pub enum StateError {
     SourceName {
         /// Length of the rejected name in bytes.
         len: usize,
+    },
+    /// The state directory does not exist (reported by the read-only [`read_only`], which
+    /// never creates it).
+    #[error("state directory {} does not exist", path.display())]
+    NoStateDir {
+        /// The missing state directory.
+        path: PathBuf,
     },
     /// sled reported an internal failure that is neither I/O nor corruption.
     #[error("checkpoint store {}: sled failure: {detail}", path.display())]
@@ -370,43 +377,7 @@ impl CheckpointStore {
                 });
             }
         }
-        let config = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .mode(sled::Mode::LowSpace)
-            .flush_every_ms(None);
-        // sled 0.34 may panic instead of erroring on some damaged files. A lock held by a
-        // store that is just being closed (sled releases it from a background thread, a
-        // moment after the last handle is dropped; or a restarting agent's predecessor)
-        // is waited for briefly before it counts as another process's.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-        let opened = loop {
-            let r = panic::catch_unwind(AssertUnwindSafe(|| config.open()));
-            match &r {
-                Ok(Err(sled::Error::Io(e)))
-                    if e.to_string().contains(LOCK_MARKER)
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                _ => break r,
-            }
-        };
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(open_err(&db_path, e)),
-            Err(payload) => {
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                return Err(StateError::Corrupt {
-                    path: db_path,
-                    detail: format!("sled panicked while opening: {msg}"),
-                });
-            }
-        };
+        let db = open_sled(&db_path, &db_path, Duration::from_millis(500))?;
         let meta = db.open_tree(META_TREE).map_err(|e| open_err(&db_path, e))?;
         match meta
             .get(META_FORMAT_KEY)
@@ -567,6 +538,220 @@ impl CheckpointStore {
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
+}
+
+/// Opens the sled database at `at`; errors name `shown` (the store the caller means, which
+/// differs from `at` for the read-only copy). A lock held by a store that is just being
+/// closed (sled releases it from a background thread, a moment after the last handle is
+/// dropped; or a restarting agent's predecessor) is waited for up to `lock_wait` before it
+/// counts as another process's. sled 0.34 may panic instead of erroring on some damaged
+/// files: that is reported as [`StateError::Corrupt`].
+fn open_sled(at: &Path, shown: &Path, lock_wait: Duration) -> Result<sled::Db, StateError> {
+    let config = sled::Config::new()
+        .path(at)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .mode(sled::Mode::LowSpace)
+        .flush_every_ms(None);
+    let deadline = Instant::now() + lock_wait;
+    let opened = loop {
+        let r = panic::catch_unwind(AssertUnwindSafe(|| config.open()));
+        match &r {
+            Ok(Err(sled::Error::Io(e)))
+                if e.to_string().contains(LOCK_MARKER) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => break r,
+        }
+    };
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(open_err(shown, e)),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(StateError::Corrupt {
+                path: shown.to_path_buf(),
+                detail: format!("sled panicked while opening: {msg}"),
+            })
+        }
+    }
+}
+
+/// Reads every checkpoint without writing anything in `state_dir`: no directory, no file,
+/// no sled snapshot rewrite, no mtime change (`redtail checkpoints`).
+///
+/// sled has no read-only mode and writes while it opens (it recovers its log and rewrites
+/// its own `snap.*` files), so the store is copied to a private temporary directory
+/// under [`std::env::temp_dir`] while a shared `flock` on its `db` file keeps an agent
+/// from opening it meanwhile, and the copy is opened and removed. Sorted like
+/// [`CheckpointStore::all`].
+///
+/// Errors: [`StateError::NoStateDir`] when `state_dir` does not exist (it is not
+/// created); [`StateError::Locked`] while another process has the store open (read the
+/// snapshot with [`read_snapshot`] instead); [`StateError::Corrupt`] and
+/// [`StateError::Version`] as [`CheckpointStore::open`] reports them. A state directory
+/// without a store, or with a store that never got its format marker while no snapshot
+/// holds checkpoints, has no checkpoints: `Ok` with an empty list.
+pub fn read_only(state_dir: &Path) -> Result<Vec<Checkpoint>, StateError> {
+    match fs::metadata(state_dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(StateError::Io {
+                path: state_dir.to_path_buf(),
+                source: io::Error::other("not a directory"),
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(StateError::NoStateDir {
+                path: state_dir.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io_err(state_dir)(e)),
+    }
+    let db_path = state_dir.join(STORE_DIR_NAME);
+    if !store_files_exist(&db_path) {
+        return match read_snapshot(state_dir) {
+            Ok(Some(snap)) if !snap.checkpoints.is_empty() => Err(StateError::Corrupt {
+                path: db_path,
+                detail: format!(
+                    "the store is missing but {SNAPSHOT_FILE_NAME} holds {} checkpoints",
+                    snap.checkpoints.len()
+                ),
+            }),
+            Ok(_) => Ok(Vec::new()),
+            Err(e) => Err(StateError::Corrupt {
+                path: db_path,
+                detail: format!(
+                    "the store is missing and {SNAPSHOT_FILE_NAME} exists but is unreadable ({e})"
+                ),
+            }),
+        };
+    }
+    let scratch = Scratch::new()?;
+    let copy = scratch.0.join(STORE_DIR_NAME);
+    {
+        let _shared = lock_shared(&db_path)?;
+        copy_tree(&db_path, &copy)?;
+    }
+    let db = open_sled(&copy, &db_path, Duration::ZERO)?;
+    let meta = db.open_tree(META_TREE).map_err(|e| open_err(&db_path, e))?;
+    match meta
+        .get(META_FORMAT_KEY)
+        .map_err(|e| open_err(&db_path, e))?
+    {
+        Some(v) if v.as_ref() == [LAYOUT_VERSION] => {}
+        Some(v) if v.len() == 1 => return Err(StateError::Version { found: v[0] }),
+        Some(v) => {
+            return Err(StateError::Corrupt {
+                path: db_path,
+                detail: format!("unreadable format marker {:?}", v.as_ref()),
+            })
+        }
+        // Killed during its very first open: nothing can have been committed (see `open`).
+        None if !snapshot_has_checkpoints(state_dir) => return Ok(Vec::new()),
+        None => {
+            return Err(StateError::Corrupt {
+                path: db_path,
+                detail: "the store files exist but hold no redtail format marker \
+                         (sled found no readable data)"
+                    .into(),
+            })
+        }
+    }
+    let tree = db
+        .open_tree(CHECKPOINT_TREE)
+        .map_err(|e| open_err(&db_path, e))?;
+    let mut out = Vec::new();
+    for item in tree.iter() {
+        let (k, v) = item.map_err(|e| runtime_err(&db_path, e))?;
+        out.push(decode_value(&db_path, &k, &v)?);
+    }
+    sort_checkpoints(&mut out);
+    Ok(out)
+}
+
+/// A private directory under the system temp dir, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Scratch, StateError> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::temp_dir();
+        loop {
+            let p = base.join(format!(
+                "redtail-state-ro-{}-{}-{}",
+                std::process::id(),
+                now_ms(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            match fs::create_dir(&p) {
+                Ok(()) => return Ok(Scratch(p)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err(&p)(e)),
+            }
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // sled may still be closing the copy from its background thread: retry briefly.
+        for _ in 0..10 {
+            if fs::remove_dir_all(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A shared `flock` on the store's `db` file, taken through a read-only descriptor (so it
+/// changes nothing); contended while a process holds sled's exclusive lock.
+fn lock_shared(db_path: &Path) -> Result<Option<File>, StateError> {
+    let db_file = db_path.join("db");
+    let f = match File::open(&db_file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&db_file)(e)),
+    };
+    // Like `open`, a lock that is just being released is waited for briefly.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        match fs2::FileExt::try_lock_shared(&f) {
+            Ok(()) => return Ok(Some(f)),
+            Err(e) if e.kind() == fs2::lock_contended_error().kind() => {
+                if Instant::now() >= deadline {
+                    return Err(StateError::Locked {
+                        path: db_path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(io_err(&db_file)(e)),
+        }
+    }
+}
+
+/// Copies the directory tree `from` to `to` (which must not exist), reading only.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), StateError> {
+    fs::create_dir(to).map_err(io_err(to))?;
+    for entry in fs::read_dir(from).map_err(io_err(from))? {
+        let entry = entry.map_err(io_err(from))?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let ty = entry.file_type().map_err(io_err(&src))?;
+        if ty.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if ty.is_file() {
+            fs::copy(&src, &dst).map_err(io_err(&src))?;
+        }
+    }
+    Ok(())
 }
 
 fn store_files_exist(db_path: &Path) -> bool {

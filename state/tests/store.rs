@@ -350,3 +350,82 @@ fn sled_open(path: std::path::PathBuf) -> sled::Result<sled::Db> {
         }
     }
 }
+
+/// Every path under `dir` with its size and mtime (directories too).
+fn listing(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+            out.push((e.path(), m.len(), m.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn read_only_reads_the_store_and_writes_nothing() {
+    let dir = TempDir::new("ro");
+    let a = cp("nginx", 1, 100, "/var/log/a.log", 10);
+    let b = cp("nginx", 2, 200, "/var/log/b.log", 10);
+    {
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        store.commit(&[b.clone(), a.clone()]).unwrap();
+        store.flush().unwrap();
+        store.export_snapshot().unwrap();
+    }
+    // Let sled finish closing (it writes its own snapshot on drop, from a background thread).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = listing(dir.path());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    for _ in 0..3 {
+        assert_eq!(
+            redtail_state::read_only(dir.path()).unwrap(),
+            vec![a.clone(), b.clone()]
+        );
+    }
+    assert_eq!(
+        listing(dir.path()),
+        before,
+        "read_only changed the state dir"
+    );
+    // The store still opens read-write and holds the same.
+    let store = CheckpointStore::open(dir.path()).unwrap();
+    assert_eq!(store.all().unwrap(), vec![a, b]);
+    // While a store holds the lock: Locked (the caller reads the snapshot), nothing written.
+    let before = listing(dir.path());
+    let err = redtail_state::read_only(dir.path()).unwrap_err();
+    assert!(matches!(err, StateError::Locked { .. }), "{err:?}");
+    assert_eq!(listing(dir.path()), before);
+}
+
+#[test]
+fn read_only_never_creates_a_missing_state_dir_or_store() {
+    let dir = TempDir::new("ro-missing");
+    let missing = dir.path().join("state");
+    let err = redtail_state::read_only(&missing).unwrap_err();
+    assert!(matches!(err, StateError::NoStateDir { .. }), "{err:?}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(!missing.exists(), "the state dir was created");
+    // An empty state dir: no checkpoints, and still no store.
+    std::fs::create_dir(&missing).unwrap();
+    assert!(redtail_state::read_only(&missing).unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(&missing).unwrap().count(), 0);
+    // A missing store next to a snapshot with checkpoints: corrupt, as for `open`.
+    {
+        let store = CheckpointStore::open(&missing).unwrap();
+        store.commit(&[cp("a", 1, 1, "/a", 1)]).unwrap();
+        store.flush().unwrap();
+        store.export_snapshot().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::fs::remove_dir_all(missing.join("checkpoints.sled")).unwrap();
+    let err = redtail_state::read_only(&missing).unwrap_err();
+    assert!(matches!(err, StateError::Corrupt { .. }), "{err:?}");
+    assert!(!missing.join("checkpoints.sled").exists());
+}
