@@ -1338,11 +1338,13 @@ mod tests {
         wait_for("both committed", || {
             offset(&quiet) == Some(10) && offset(&busy) == Some(20)
         });
-        // The snapshot agrees with the store.
-        let snap = redtail_state::read_snapshot(&dir.path().join("state"))
-            .unwrap()
-            .unwrap();
-        assert_eq!(snap.checkpoints.len(), 2);
+        // The snapshot agrees with the store (it is exported just after the commit).
+        wait_for("the snapshot has both", || {
+            redtail_state::read_snapshot(&dir.path().join("state"))
+                .ok()
+                .flatten()
+                .is_some_and(|snap| snap.checkpoints.len() == 2)
+        });
         // A failing last commit is reported.
         iss_tx
             .send(Issued {

@@ -413,6 +413,8 @@ impl Publisher {
                         next = Next::Again { pause: false };
                         continue;
                     }
+                    self.chain
+                        .confirm(file.source, &file.mark_field, Some(txns[t].new));
                     if careful {
                         self.chain
                             .set(file.source, &file.mark_field, Some(txns[t].new));
@@ -674,6 +676,7 @@ impl Publisher {
     /// (pipelined, in chunks) and reports each one that Redis lost.
     async fn recheck_known(&mut self, c: &mut MultiplexedConnection) -> Result<(), RedisError> {
         let known = self.chain.confirmed();
+        tracing::debug!(files = known.len(), "checking the marks of every known file");
         for chunk in known.chunks(1000) {
             let mut pipe = redis::pipe();
             for (s, field, _) in chunk {
@@ -682,6 +685,7 @@ impl Publisher {
             let v: Vec<Option<String>> = pipe.query_async(c).await?;
             for ((s, field, believed), read) in chunk.iter().zip(v) {
                 let read = read.as_deref().and_then(parse_mark);
+                tracing::debug!(field = %field, believed = ?believed, read = ?read, "mark after reconnect");
                 if let Some(gap) = check_known(*believed, read) {
                     let path = self
                         .paths
