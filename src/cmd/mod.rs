@@ -38,8 +38,16 @@ pub fn init_tracing(level: Option<&str>) {
 }
 
 /// Opens the checkpoint store, turning sled's failures into instructions.
+/// The snapshot is exported once at open: a crash between a commit and its export leaves it
+/// behind the store, and `redtail checkpoints` (which reads it while the agent runs) would
+/// show stale offsets until the next commit, which may never come for quiet files.
 pub fn open_store(cfg: &Config) -> anyhow::Result<CheckpointStore> {
-    CheckpointStore::open(&cfg.agent.state_dir).map_err(|e| explain_store_error(cfg, e))
+    let store =
+        CheckpointStore::open(&cfg.agent.state_dir).map_err(|e| explain_store_error(cfg, e))?;
+    if let Err(e) = store.export_snapshot() {
+        tracing::warn!(error = %e, "cannot export the checkpoint snapshot; `redtail checkpoints` may show older offsets until the next commit");
+    }
+    Ok(store)
 }
 
 /// A store error with what to do about it.

@@ -676,7 +676,10 @@ impl Publisher {
     /// (pipelined, in chunks) and reports each one that Redis lost.
     async fn recheck_known(&mut self, c: &mut MultiplexedConnection) -> Result<(), RedisError> {
         let known = self.chain.confirmed();
-        tracing::debug!(files = known.len(), "checking the marks of every known file");
+        tracing::debug!(
+            files = known.len(),
+            "checking the marks of every known file"
+        );
         for chunk in known.chunks(1000) {
             let mut pipe = redis::pipe();
             for (s, field, _) in chunk {
