@@ -441,7 +441,7 @@ pub fn files(path: &Path) -> Vec<PathBuf> {
             }
         }
     }
-    rotated.sort_by(|a, b| b.0.cmp(&a.0));
+    rotated.sort_by_key(|r| std::cmp::Reverse(r.0));
     let mut out: Vec<PathBuf> = rotated.into_iter().map(|r| r.1).collect();
     if path.exists() {
         out.push(path.to_path_buf());
@@ -500,5 +500,211 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(971_211_336_123), "2000-10-10T20:55:36.123Z");
         assert_eq!(rfc3339(1_709_251_199_000), "2024-02-29T23:59:59.000Z");
+    }
+
+    use crate::record::{DeadClass, FileKey, Fingerprint};
+
+    fn writer(dir: &Path, max: u64, keep: u32) -> Writer {
+        Writer::new(&dir.join("dl.jsonl"), max, keep, "h")
+    }
+
+    fn put(w: &mut Writer, offset: u64) {
+        let f = FileInfo::new(
+            0,
+            FileKey { dev: 1, ino: 2 },
+            Fingerprint { len: 0, hash: 3 },
+            0,
+            "/log".into(),
+        );
+        let rec = DeadRecord {
+            offset,
+            length: 20,
+            class: DeadClass::Parse,
+            error: "e".into(),
+            bytes: format!("record-{offset:04}-xxxxxxxx").into_bytes(),
+        };
+        let e = w.entry("s", "json", &f, &rec, 1);
+        w.append(&e).unwrap();
+        w.sync().unwrap();
+    }
+
+    fn offsets(p: &Path) -> Vec<u64> {
+        let (entries, bad) = read_all(p).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        entries.iter().map(|e| e.offset).collect()
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn rotation_keeps_files_and_deletes_only_beyond_keep() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dl.jsonl");
+        // One record a file.
+        let mut w = writer(d.path(), 10, 3);
+        for i in 0..6 {
+            put(&mut w, i);
+        }
+        assert_eq!(
+            names(d.path()),
+            ["dl.jsonl", "dl.jsonl.1", "dl.jsonl.2", "dl.jsonl.3"]
+        );
+        assert_eq!(offsets(&p), [2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_missing_active_file_is_recreated_without_rotating() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dl.jsonl");
+        let mut w = writer(d.path(), 10, 3);
+        for i in 0..3 {
+            put(&mut w, i);
+        }
+        std::fs::remove_file(&p).unwrap();
+        for i in 3..5 {
+            put(&mut w, i);
+        }
+        // .1 and .2 (records 0 and 1) stay; 2 was removed with the active file.
+        assert_eq!(offsets(&p), [0, 1, 3, 4]);
+    }
+
+    #[test]
+    fn records_appended_to_a_removed_file_are_written_again_before_the_sync() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dl.jsonl");
+        let mut w = writer(d.path(), 1 << 20, 3);
+        put(&mut w, 0);
+        let f = FileInfo::new(
+            0,
+            FileKey { dev: 1, ino: 2 },
+            Fingerprint { len: 0, hash: 3 },
+            0,
+            "/log".into(),
+        );
+        let rec = |o: u64| DeadRecord {
+            offset: o,
+            length: 1,
+            class: DeadClass::Parse,
+            error: "e".into(),
+            bytes: b"x".to_vec(),
+        };
+        let e1 = w.entry("s", "json", &f, &rec(1), 1);
+        w.append(&e1).unwrap();
+        // Removed after the append, before the sync that confirms it.
+        std::fs::remove_file(&p).unwrap();
+        w.sync().unwrap();
+        assert_eq!(offsets(&p), [1]);
+        // Truncated: the same.
+        let e2 = w.entry("s", "json", &f, &rec(2), 1);
+        w.append(&e2).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        w.sync().unwrap();
+        assert_eq!(offsets(&p), [2]);
+    }
+
+    #[test]
+    fn an_interrupted_rotation_is_finished_without_deleting() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dl.jsonl");
+        let mut w = writer(d.path(), 10, 3);
+        for i in 0..4 {
+            put(&mut w, i);
+        }
+        // A crash half-way through the next rotation: .3 deleted and .2 moved to .3.
+        std::fs::remove_file(d.path().join("dl.jsonl.3")).unwrap();
+        std::fs::rename(d.path().join("dl.jsonl.2"), d.path().join("dl.jsonl.3")).unwrap();
+        let mut w = writer(d.path(), 10, 3);
+        put(&mut w, 4);
+        // The gap at .2 is filled; nothing else deleted.
+        assert_eq!(offsets(&p), [1, 2, 3, 4]);
+        assert_eq!(
+            names(d.path()),
+            ["dl.jsonl", "dl.jsonl.1", "dl.jsonl.2", "dl.jsonl.3"]
+        );
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_at_open() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dl.jsonl");
+        let mut w = writer(d.path(), 1 << 20, 3);
+        put(&mut w, 0);
+        drop(w);
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"schema\":1,\"ts\":\"20").unwrap();
+        let mut w = writer(d.path(), 1 << 20, 3);
+        put(&mut w, 1);
+        assert_eq!(offsets(&p), [0, 1]);
+        // A file that is one torn line.
+        std::fs::write(&p, b"{\"sch").unwrap();
+        let mut w = writer(d.path(), 1 << 20, 3);
+        put(&mut w, 2);
+        assert_eq!(offsets(&p), [2]);
+    }
+
+    #[test]
+    fn errors_name_the_path() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dl.jsonl");
+        std::fs::create_dir(&p).unwrap();
+        let mut w = writer(d.path(), 1 << 20, 3);
+        let f = FileInfo::new(
+            0,
+            FileKey { dev: 1, ino: 2 },
+            Fingerprint { len: 0, hash: 3 },
+            0,
+            "/log".into(),
+        );
+        let rec = DeadRecord {
+            offset: 0,
+            length: 1,
+            class: DeadClass::Parse,
+            error: "e".into(),
+            bytes: b"x".to_vec(),
+        };
+        let e = w.entry("s", "json", &f, &rec, 1);
+        let err = w.append(&e).unwrap_err().to_string();
+        assert!(err.contains(p.to_str().unwrap()), "{err}");
+        // (`stalled()` is process-wide; the integration tests check it.)
+        std::fs::remove_dir(&p).unwrap();
+        w.append(&e).unwrap();
+        w.sync().unwrap();
+        assert_eq!(offsets(&p), [0]);
+    }
+
+    #[test]
+    fn files_lists_every_rotated_number_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dl.jsonl");
+        for n in [
+            "dl.jsonl",
+            "dl.jsonl.1",
+            "dl.jsonl.3",
+            "dl.jsonl.1200",
+            "dl.jsonl.x",
+            "dl.jsonl.replay-tmp",
+        ] {
+            std::fs::write(d.path().join(n), b"").unwrap();
+        }
+        let got: Vec<String> = files(&p)
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            got,
+            ["dl.jsonl.1200", "dl.jsonl.3", "dl.jsonl.1", "dl.jsonl"]
+        );
     }
 }
