@@ -74,14 +74,13 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The original bytes.
-    pub fn bytes(&self) -> Vec<u8> {
+    /// The original bytes; `None` when the record holds neither `line` nor a `line_b64`
+    /// that decodes.
+    pub fn raw(&self) -> Option<Vec<u8>> {
         match (&self.line, &self.line_b64) {
-            (Some(l), _) => l.as_bytes().to_vec(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD
-                .decode(b)
-                .unwrap_or_default(),
-            (None, None) => Vec::new(),
+            (Some(l), _) => Some(l.as_bytes().to_vec()),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).ok(),
+            (None, None) => None,
         }
     }
 

@@ -787,3 +787,44 @@ fn kill9_during_heavy_dead_lettering_loses_no_dead_letter() {
     );
     assert!(bad.is_empty(), "torn lines: {bad:?}");
 }
+
+#[test]
+fn replay_keeps_damaged_records_instead_of_publishing_something_else() {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    let src = SourceCfg::new("app", &[&logs.path("*.log")]).parser("raw");
+    let agent = Agent::new(&redis.url()).source(src.clone());
+    synthetic_dead_letters(&agent, 4);
+    // 0: line_b64 that is not base64; 1: no line at all; 2: line shorter than its length;
+    // 3: intact.
+    let text = std::fs::read_to_string(agent.dead_letter_path()).unwrap();
+    let mut recs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let o = recs[0].as_object_mut().unwrap();
+    o.remove("line");
+    o.insert("line_b64".into(), "!!! not base64".into());
+    recs[1].as_object_mut().unwrap().remove("line");
+    recs[2]["line"] = "rec-0".into();
+    let mut out = String::new();
+    for r in &recs {
+        out.push_str(&r.to_string());
+        out.push('\n');
+    }
+    // And a line that is not a record at all: kept as it is.
+    out.push_str("not a record\n");
+    std::fs::write(agent.dead_letter_path(), out).unwrap();
+    let o = agent.cmd(&["dlq", "-c", agent.cfg(), "replay"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(stdout(&o).contains("1 published"), "{}", show(&o));
+    assert_eq!(redis.xrange_messages(&src.stream()), ["rec-000003"]);
+    let after = std::fs::read_to_string(agent.dead_letter_path()).unwrap();
+    let lines: Vec<&str> = after.lines().collect();
+    assert_eq!(lines.len(), 4, "{after}");
+    assert_eq!(lines[3], "not a record");
+    for (l, r) in lines[..3].iter().zip(&recs[..3]) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(&v, r, "kept as it was");
+    }
+}

@@ -216,6 +216,7 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
     let mut items: BTreeMap<usize, Vec<Item>> = BTreeMap::new();
     let mut keep: Vec<Entry> = Vec::new();
     let mut dropped = 0u64;
+    let mut unusable = 0u64;
     for e in contents.entries {
         let si = match cfg.sources.iter().position(|s| s.name == e.source) {
             Some(i) if source.is_none_or(|s| s == e.source) => i,
@@ -233,7 +234,21 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
             keep.push(e);
             continue;
         }
-        let bytes = e.bytes();
+        // The record must be whole: `line` or a `line_b64` that decodes, of its `length`.
+        // Anything else (a damaged or hand-edited record) would publish something that is
+        // not the line, and then drop the record.
+        let bytes = match e.raw() {
+            Some(b) if b.len() as u64 == e.length && e.schema == deadletter::SCHEMA => b,
+            _ => {
+                eprintln!(
+                    "warning: {}:{} (source {}): the record's bytes are missing, do not decode or do not match its length, or its schema is not {}; kept as it is, not replayed",
+                    e.path, e.offset, e.source, deadletter::SCHEMA
+                );
+                unusable += 1;
+                keep.push(e);
+                continue;
+            }
+        };
         let info = FileInfo::new(
             si,
             key,
@@ -409,6 +424,9 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
         keep.len() + contents.bad.len(),
         cfg.agent.dead_letter.display()
     );
+    if unusable > 0 {
+        eprintln!("warning: {unusable} damaged record(s) kept as they are, not replayed");
+    }
     if failed_records > 0 {
         eprintln!(
             "error: {failed_records} record(s) could not be published; they stay in {} (run the replay again once fixed):",
