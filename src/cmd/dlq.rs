@@ -1,10 +1,43 @@
 //! `redtail dlq stats | show | replay`.
+//!
+//! # The replay protocol
+//!
+//! Each replayed record has a marker field `dlq:<file_id>:<generation>:<offset>` in its
+//! stream's marks hash (`{<stream>}:redtail:marks`, same hash slot as the stream), whose
+//! value is the id of the entry it was published as. The marker and the entry are written
+//! by one Lua call, so they exist together or not at all (a script runs whole, and Redis
+//! replicates and persists its effects as one MULTI/EXEC block). Per chunk of at most
+//! [`CHUNK_RECORDS`] records and about [`CHUNK_BYTES`] bytes (so Redis is never blocked for
+//! a whole file), the script:
+//!
+//! 1. checks the types of the stream key and the marks key (`stream`/`hash` or absent).
+//!    Otherwise it changes nothing and fails with `WRONGTYPE`; no other command can run
+//!    between this check and the writes below, so an `XADD` cannot meet `WRONGTYPE` later;
+//! 2. per record: a marker already present means published by an earlier replay (skipped);
+//!    else `XADD`; only when it returned an id is the marker set (`HSET`, which cannot fail
+//!    on a hash). An `XADD` error is returned for that record, and no marker is set.
+//!
+//! A record leaves the dead-letter file only when the reply confirmed it: published now, or
+//! its marker was there. Everything else (a parse failure, a refused `XADD`, a chunk that
+//! failed or whose reply was lost) stays, with `attempts` increased and the error, and the
+//! command exits 1. A retried chunk (lost reply, reconnect) is checked again by the script,
+//! so a replay retried, interrupted or killed -9 at any point and run again publishes
+//! each record exactly once. The file is rewritten after Redis answered (tmp, fsync,
+//! rename, fsync of the directory); a kill before that only leaves records whose markers
+//! the next run finds.
+//!
+//! Why not MULTI/EXEC: an `XADD` refused at EXEC time (`WRONGTYPE`) does not stop the
+//! `HSET` of its marker queued behind it, and WATCHing the stream key to guard a type check
+//! would abort the transaction whenever another agent (another host) writes to the same
+//! stream, which is the normal case.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+
+use anyhow::Context;
 
 use crate::config::{marks_key, Config};
 use crate::deadletter::{self, Entry};
@@ -94,29 +127,65 @@ pub fn dlq_show(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Publishes replayed records; each record's own marker field makes it exactly once even
-/// when a replay is interrupted and run again.
+/// Records per replay call, at most.
+pub const CHUNK_RECORDS: usize = 256;
+/// Bytes of entry fields per replay call, about (a larger record goes alone).
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+/// One chunk of replayed records (see the module's opening comment). Reply: per record
+/// 1 (published), 0 (its marker was there) or the XADD's error text.
 const REPLAY_SCRIPT: &str = r#"#!lua
+local st = redis.call('TYPE', KEYS[1])['ok']
+if st ~= 'stream' and st ~= 'none' then
+  return redis.error_reply('WRONGTYPE the stream key ' .. KEYS[1] .. ' holds a ' .. st .. ', not a stream')
+end
+local mt = redis.call('TYPE', KEYS[2])['ok']
+if mt ~= 'hash' and mt ~= 'none' then
+  return redis.error_reply('WRONGTYPE the marks key ' .. KEYS[2] .. ' holds a ' .. mt .. ', not a hash')
+end
 local maxlen = tonumber(ARGV[1])
-local added, skipped = 0, 0
+local out = {}
 local i, n = 2, #ARGV
 while i <= n do
   local f = ARGV[i]
   local nf2 = 2 * tonumber(ARGV[i + 1])
-  if redis.call('HSETNX', KEYS[2], f, '1') == 1 then
+  if redis.call('HEXISTS', KEYS[2], f) == 1 then
+    out[#out + 1] = 0
+  else
     local args
     if maxlen > 0 then args = {'MAXLEN', '~', ARGV[1], '*'} else args = {'*'} end
     local a = #args
     for j = 1, nf2 do args[a + j] = ARGV[i + 1 + j] end
-    redis.call('XADD', KEYS[1], unpack(args))
-    added = added + 1
-  else
-    skipped = skipped + 1
+    local id = redis.pcall('XADD', KEYS[1], unpack(args))
+    if type(id) == 'table' and id['err'] then
+      out[#out + 1] = id['err']
+    else
+      redis.call('HSET', KEYS[2], f, id)
+      out[#out + 1] = 1
+    end
   end
   i = i + 2 + nf2
 end
-return {added, skipped}
+return out
 "#;
+
+/// A record parsed under the current config, to be published.
+struct Item {
+    entry: Entry,
+    marker: String,
+    pairs: Vec<Vec<u8>>,
+}
+
+/// How one record's replay ended.
+#[derive(Clone)]
+enum Outcome {
+    Published,
+    Already,
+    /// Refused: stays, class `rejected`, with this error.
+    Failed(String),
+    /// Not tried, or the reply was lost (Redis unreachable): stays as it was.
+    Unknown(String),
+}
 
 fn parse_file_id(id: &str) -> Option<(FileKey, u64)> {
     let mut it = id.split('-');
@@ -137,14 +206,18 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
     let _exclusive = super::open_store(&cfg).map_err(|e| {
         e.context("dlq replay needs the agent stopped (it rewrites the dead-letter file)")
     })?;
-    let entries = load(&cfg)?;
+    let contents = deadletter::read_contents(&cfg.agent.dead_letter)?;
+    for (at, _) in &contents.bad {
+        eprintln!("warning: not a dead-letter record (kept as it is): {at}");
+    }
     let sources = Arc::new(cfg.sources.clone());
     let mut worker = Worker::new(&cfg, sources.clone());
-    // Per stream: the replay call being built.
-    let mut calls: BTreeMap<usize, redis::Cmd> = BTreeMap::new();
+    // Per source, in file order: the records to publish.
+    let mut items: BTreeMap<usize, Vec<Item>> = BTreeMap::new();
     let mut keep: Vec<Entry> = Vec::new();
-    let mut replayable = 0u64;
-    for e in entries {
+    let mut dropped = 0u64;
+    let mut unusable = 0u64;
+    for e in contents.entries {
         let si = match cfg.sources.iter().position(|s| s.name == e.source) {
             Some(i) if source.is_none_or(|s| s == e.source) => i,
             _ => {
@@ -161,7 +234,21 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
             keep.push(e);
             continue;
         }
-        let bytes = e.bytes();
+        // The record must be whole: `line` or a `line_b64` that decodes, of its `length`.
+        // Anything else (a damaged or hand-edited record) would publish something that is
+        // not the line, and then drop the record.
+        let bytes = match e.raw() {
+            Some(b) if b.len() as u64 == e.length && e.schema == deadletter::SCHEMA => b,
+            _ => {
+                eprintln!(
+                    "warning: {}:{} (source {}): the record's bytes are missing, do not decode or do not match its length, or its schema is not {}; kept as it is, not replayed",
+                    e.path, e.offset, e.source, deadletter::SCHEMA
+                );
+                unusable += 1;
+                keep.push(e);
+                continue;
+            }
+        };
         let info = FileInfo::new(
             si,
             key,
@@ -192,96 +279,235 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
             keep.push(e);
             continue;
         }
-        if parsed.xadds.is_empty() {
+        let pairs: Vec<Vec<u8>> = match parsed.xadds.as_slice() {
             // Dropped by the source's filter now: counted as replayed (it is accounted for).
-            replayable += 1;
-            continue;
-        }
-        let src = &cfg.sources[si];
-        let call = calls.entry(si).or_insert_with(|| {
-            let mut c = redis::Cmd::new();
-            c.arg("EVAL")
-                .arg(REPLAY_SCRIPT)
-                .arg(2)
-                .arg(&src.stream)
-                .arg(marks_key(&src.stream))
-                .arg(cfg.redis.maxlen);
-            c
-        });
-        for pairs in parsed.xadds.iter().map(xadd_pairs) {
-            call.arg(format!("dlq:{}:{}:{}", e.file_id, e.generation, e.offset))
-                .arg(pairs.len() / 2);
-            for p in pairs {
-                call.arg(p);
+            [] => {
+                dropped += 1;
+                continue;
             }
-        }
-        replayable += 1;
+            [one] => xadd_pairs(one).into_iter().map(<[u8]>::to_vec).collect(),
+            more => {
+                // One record, one span: one entry. Anything else is not replayed.
+                let mut e = e;
+                e.attempts += 1;
+                e.error = format!("dlq replay: the record parsed into {} entries", more.len());
+                keep.push(e);
+                continue;
+            }
+        };
+        let marker = format!("dlq:{}:{}:{}", e.file_id, e.generation, e.offset);
+        items.entry(si).or_default().push(Item {
+            entry: e,
+            marker,
+            pairs,
+        });
     }
-    let (mut added, mut skipped) = (0i64, 0i64);
-    if !calls.is_empty() {
+
+    let (mut added, mut skipped, mut calls) = (0u64, 0u64, 0u64);
+    let mut failed: Vec<(String, u64)> = Vec::new();
+    let mut failed_records = 0u64;
+    if !items.is_empty() {
         let client = redis::Client::open(cfg.redis.url.as_str())?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         rt.block_on(async {
-            let mut backoff = Backoff::new(cfg.redis.retry_max_backoff);
-            for call in calls.values() {
-                loop {
-                    let r: Result<(i64, i64), redis::RedisError> = async {
-                        let mut c = client.get_multiplexed_async_connection().await?;
-                        call.query_async(&mut c).await
-                    }
-                    .await;
-                    match r {
-                        Ok((a, s)) => {
-                            added += a;
-                            skipped += s;
+            let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+            // Set once Redis cannot be reached: the rest is not tried (and stays as it is).
+            let mut unreachable: Option<String> = None;
+            for (si, list) in items {
+                let src = &cfg.sources[si];
+                let marks = marks_key(&src.stream);
+                // Set once a chunk failed as a whole: the rest of the stream stays too.
+                let mut stream_err: Option<String> = None;
+                let mut rest = list.into_iter().peekable();
+                while rest.peek().is_some() {
+                    let mut chunk = Vec::new();
+                    let mut bytes = 0usize;
+                    while let Some(it) = rest.peek() {
+                        let b: usize = it.pairs.iter().map(Vec::len).sum();
+                        if !chunk.is_empty()
+                            && (chunk.len() >= CHUNK_RECORDS || bytes + b > CHUNK_BYTES)
+                        {
                             break;
                         }
-                        Err(e) if is_transient(&e) && backoff.attempts() < 10 => {
-                            eprintln!("Redis: {e}; retrying");
-                            tokio::time::sleep(backoff.next_delay()).await;
+                        bytes += b;
+                        chunk.push(rest.next().unwrap());
+                    }
+                    let outcomes: Vec<Outcome> = if let Some(e) = &unreachable {
+                        vec![Outcome::Unknown(e.clone()); chunk.len()]
+                    } else if let Some(e) = &stream_err {
+                        vec![Outcome::Failed(e.clone()); chunk.len()]
+                    } else {
+                        let mut call = redis::Cmd::new();
+                        call.arg("EVAL")
+                            .arg(REPLAY_SCRIPT)
+                            .arg(2)
+                            .arg(&src.stream)
+                            .arg(&marks)
+                            .arg(cfg.redis.maxlen);
+                        for it in &chunk {
+                            call.arg(&it.marker).arg(it.pairs.len() / 2);
+                            for p in &it.pairs {
+                                call.arg(p.as_slice());
+                            }
                         }
-                        Err(e) => {
-                            return Err(anyhow::anyhow!(
-                                "replay failed: {e}; nothing is lost, run it again"
-                            ))
+                        let mut backoff = Backoff::new(cfg.redis.retry_max_backoff);
+                        let reply = loop {
+                            let r: Result<redis::Value, redis::RedisError> = async {
+                                if conn.is_none() {
+                                    conn = Some(client.get_multiplexed_async_connection().await?);
+                                }
+                                calls += 1;
+                                call.query_async(conn.as_mut().unwrap()).await
+                            }
+                            .await;
+                            match r {
+                                Err(e) if is_transient(&e) && backoff.attempts() < 10 => {
+                                    // The outcome may be unknown: the script checks the
+                                    // markers again, so sending it again is safe.
+                                    eprintln!("Redis: {e}; retrying");
+                                    conn = None;
+                                    tokio::time::sleep(backoff.next_delay()).await;
+                                }
+                                r => break r,
+                            }
+                        };
+                        match reply {
+                            Ok(v) => outcomes_of(v, chunk.len()),
+                            Err(e) if is_transient(&e) => {
+                                let msg = format!("dlq replay: Redis: {e}");
+                                unreachable = Some(msg.clone());
+                                vec![Outcome::Unknown(msg); chunk.len()]
+                            }
+                            Err(e) => {
+                                let msg = format!("dlq replay into {}: {e}", src.stream);
+                                stream_err = Some(msg.clone());
+                                vec![Outcome::Failed(msg); chunk.len()]
+                            }
                         }
+                    };
+                    for (it, o) in chunk.into_iter().zip(outcomes) {
+                        let (err, e) = match o {
+                            Outcome::Published => {
+                                added += 1;
+                                continue;
+                            }
+                            Outcome::Already => {
+                                skipped += 1;
+                                continue;
+                            }
+                            Outcome::Unknown(err) => (err, it.entry),
+                            Outcome::Failed(err) => {
+                                let mut e = it.entry;
+                                e.attempts += 1;
+                                e.error_class = "rejected".to_string();
+                                e.error = err.clone();
+                                (err, e)
+                            }
+                        };
+                        match failed.iter_mut().find(|f| f.0 == err) {
+                            Some(f) => f.1 += 1,
+                            None => failed.push((err, 1)),
+                        }
+                        failed_records += 1;
+                        keep.push(e);
                     }
                 }
             }
-            Ok(())
-        })?;
+        });
     }
-    rewrite(&cfg.agent.dead_letter, &keep)?;
+    rewrite(&cfg.agent.dead_letter, &keep, &contents.bad)?;
     println!(
-        "replayed {replayable} record(s): {added} published, {skipped} already published by an earlier replay; {} kept in {}",
-        keep.len(),
+        "replayed {} record(s): {added} published, {skipped} already published by an earlier replay; {} kept in {} ({calls} Redis call(s) of at most {CHUNK_RECORDS} records)",
+        added + skipped + dropped,
+        keep.len() + contents.bad.len(),
         cfg.agent.dead_letter.display()
     );
+    if unusable > 0 {
+        eprintln!("warning: {unusable} damaged record(s) kept as they are, not replayed");
+    }
+    if failed_records > 0 {
+        eprintln!(
+            "error: {failed_records} record(s) could not be published; they stay in {} (run the replay again once fixed):",
+            cfg.agent.dead_letter.display()
+        );
+        for (err, n) in &failed {
+            eprintln!("  {n} record(s): {err}");
+        }
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Replaces the dead-letter files with one file holding `keep` (tmp, fsync, rename).
-fn rewrite(path: &Path, keep: &[Entry]) -> anyhow::Result<()> {
+/// The outcome of each record of a chunk from the script's reply.
+fn outcomes_of(v: redis::Value, n: usize) -> Vec<Outcome> {
+    use redis::Value;
+    let items = match v {
+        Value::Array(items) if items.len() == n => items,
+        other => {
+            let msg = format!("dlq replay: unexpected reply from Redis: {other:?}");
+            return (0..n).map(|_| Outcome::Failed(msg.clone())).collect();
+        }
+    };
+    items
+        .into_iter()
+        .map(|x| match x {
+            Value::Int(1) => Outcome::Published,
+            Value::Int(0) => Outcome::Already,
+            Value::BulkString(b) => Outcome::Failed(format!(
+                "dlq replay: Redis refused the entry: {}",
+                String::from_utf8_lossy(&b)
+            )),
+            Value::SimpleString(s) => {
+                Outcome::Failed(format!("dlq replay: Redis refused the entry: {s}"))
+            }
+            other => Outcome::Failed(format!(
+                "dlq replay: unexpected reply from Redis: {other:?}"
+            )),
+        })
+        .collect()
+}
+
+/// Replaces the dead-letter files with one file holding `keep`, then the lines that were
+/// not records, as they were (tmp, fsync, rename, then the rotated files are removed and
+/// the directory fsynced). A crash in between leaves records twice, which readers drop.
+fn rewrite(path: &Path, keep: &[Entry], bad: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
     let tmp = path.with_extension("jsonl.replay-tmp");
+    let ctx = |p: &Path, what: &str| format!("{}: {what}", p.display());
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(&tmp).with_context(|| ctx(&tmp, "create"))?,
+        );
         for e in keep {
             serde_json::to_writer(&mut f, e)?;
-            f.write_all(b"\n")?;
+            f.write_all(b"\n").with_context(|| ctx(&tmp, "write"))?;
         }
-        f.sync_all()?;
+        for (_, raw) in bad {
+            f.write_all(raw).with_context(|| ctx(&tmp, "write"))?;
+            f.write_all(b"\n").with_context(|| ctx(&tmp, "write"))?;
+        }
+        let f = f.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all().with_context(|| ctx(&tmp, "fsync"))?;
     }
     let old = deadletter::files(path);
-    std::fs::rename(&tmp, path)?;
+    std::fs::rename(&tmp, path).with_context(|| ctx(path, "rename the rewritten file"))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // The rename must be durable before the rotated files, whose records it now holds,
+    // are removed.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| ctx(dir, "fsync"))?;
     for p in old {
         if p != path {
-            std::fs::remove_file(&p)?;
+            std::fs::remove_file(&p).with_context(|| ctx(&p, "remove"))?;
         }
     }
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
-    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| ctx(dir, "fsync"))?;
     Ok(())
 }

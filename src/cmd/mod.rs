@@ -126,6 +126,13 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
                     _ = term.recv() => warn!("second signal: stopping now"),
                     _ = int.recv() => warn!("second signal: stopping now"),
                     _ = tokio::time::sleep(timeout) => warn!("agent.shutdown_timeout reached: stopping with lines unpublished (they are not checkpointed and will be read again)"),
+                    // The publisher holds the pipeline until the dead-letter file can be
+                    // written; waiting for that would only wait out the timeout.
+                    _ = async {
+                        while !crate::deadletter::stalled() {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    } => warn!("the dead-letter file cannot be written (see the ERROR above): stopping now with lines unpublished (they are not checkpointed and will be read again)"),
                     _ = ctl.abort.closed() => return,
                 }
                 let _ = ctl.abort.send(true);
