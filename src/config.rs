@@ -349,6 +349,14 @@ pub fn marks_key(stream: &str) -> String {
     }
 }
 
+/// The marks hash of one agent (its `host_name`) for a stream: `<marks key>:<host>`. Only
+/// that agent writes it, so its transactions can WATCH it; two hosts whose files happen to
+/// have the same identity (cloned images) cannot skip each other's lines. Marks written by
+/// redtail before this key existed are in [`marks_key`] and are adopted once per file.
+pub fn host_marks_key(stream: &str, host: &str) -> String {
+    format!("{}:{host}", marks_key(stream))
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
@@ -935,5 +943,9 @@ parser = "yaml"
     fn marks_key_shares_the_stream_slot() {
         assert_eq!(marks_key("logs:nginx"), "{logs:nginx}:redtail:marks");
         assert_eq!(marks_key("{app}:nginx"), "{app}:nginx:redtail:marks");
+        assert_eq!(
+            host_marks_key("logs:nginx", "web1"),
+            "{logs:nginx}:redtail:marks:web1"
+        );
     }
 }

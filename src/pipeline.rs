@@ -21,7 +21,7 @@ use redtail_parsers::{Fields, Parser};
 use redtail_state::{Checkpoint, CheckpointStore, FileKey, StateError};
 use tracing::{error, info, warn};
 
-use crate::config::{marks_key, Config, InvalidUtf8, Source};
+use crate::config::{host_marks_key, marks_key, Config, InvalidUtf8, Source};
 use crate::follow::{self, Follower, Sink};
 use crate::publish::{Ack, Publisher};
 use crate::record::{Batch, DeadClass, DeadRecord, FileInfo, Parsed, SpanKind};
@@ -295,7 +295,8 @@ fn encode_entry<'t>(
 pub struct RedisMarks {
     client: redis::Client,
     conn: Option<redis::Connection>,
-    keys: Vec<String>,
+    /// Per source: this agent's marks key, and the one from before marks were per host.
+    keys: Vec<(String, String)>,
     timeout: Duration,
     down_until: Option<Instant>,
 }
@@ -305,7 +306,16 @@ impl RedisMarks {
         Ok(RedisMarks {
             client: redis::Client::open(cfg.redis.url.as_str())?,
             conn: None,
-            keys: cfg.sources.iter().map(|s| marks_key(&s.stream)).collect(),
+            keys: cfg
+                .sources
+                .iter()
+                .map(|s| {
+                    (
+                        host_marks_key(&s.stream, &cfg.agent.host_name),
+                        marks_key(&s.stream),
+                    )
+                })
+                .collect(),
             // Short: a lookup holds up the follower.
             timeout: cfg.redis.connect_timeout.min(Duration::from_secs(1)),
             down_until: None,
@@ -328,10 +338,19 @@ impl follow::Marks for RedisMarks {
                 c.set_write_timeout(Some(self.timeout))?;
                 self.conn = Some(c);
             }
-            redis::cmd("HGET")
-                .arg(&self.keys[source])
+            // This agent's mark, or one written before marks were per host.
+            let (mine, legacy) = &self.keys[source];
+            let v: Option<String> = redis::cmd("HGET")
+                .arg(mine)
                 .arg(field)
-                .query(self.conn.as_mut().unwrap())
+                .query(self.conn.as_mut().unwrap())?;
+            match v {
+                Some(v) => Ok(Some(v)),
+                None => redis::cmd("HGET")
+                    .arg(legacy)
+                    .arg(field)
+                    .query(self.conn.as_mut().unwrap()),
+            }
         })();
         match result {
             Ok(v) => {
@@ -650,7 +669,12 @@ impl MarksCleaner {
             keys: cfg
                 .sources
                 .iter()
-                .map(|s| (s.name.clone(), marks_key(&s.stream)))
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        host_marks_key(&s.stream, &cfg.agent.host_name),
+                    )
+                })
                 .collect(),
             // Short: the committer waits for it.
             timeout: cfg.redis.connect_timeout.min(Duration::from_secs(1)),

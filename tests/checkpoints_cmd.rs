@@ -249,7 +249,7 @@ fn checkpoints_with_a_missing_state_dir_says_so_and_creates_nothing() {
 
 fn marks(redis: &RedisServer, stream: &str) -> std::collections::HashMap<String, String> {
     redis::cmd("HGETALL")
-        .arg(format!("{{{stream}}}:redtail:marks"))
+        .arg(format!("{{{stream}}}:redtail:marks:testhost"))
         .query(&mut redis.conn())
         .unwrap()
 }

@@ -45,7 +45,7 @@ fn config_set(redis: &RedisServer, k: &str, v: &str) {
 fn mark_of(redis: &RedisServer, stream: &str, path: &std::path::Path) -> Vec<String> {
     let _ = path;
     let marks: Vec<(String, String)> = redis::cmd("HGETALL")
-        .arg(format!("{{{stream}}}:redtail:marks"))
+        .arg(format!("{{{stream}}}:redtail:marks:testhost"))
         .query(&mut redis.conn())
         .unwrap();
     marks.into_iter().map(|(_, v)| v).collect()

@@ -357,7 +357,7 @@ fn corrupt_state_dir_stops_the_agent_with_the_recovery_commands() {
     }
     // Without the Redis-side marks, only the store's refusal stands between this backfill
     // and publishing both lines again: an agent that started from zero would do just that.
-    let marks = format!("{{{stream}}}:redtail:marks");
+    let marks = format!("{{{stream}}}:redtail:marks:testhost");
     let _: () = redis::cmd("DEL")
         .arg(&marks)
         .query(&mut redis.conn())

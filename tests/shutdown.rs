@@ -78,7 +78,7 @@ fn sigterm_during_steady_writes_commits_exactly_what_was_published() {
     );
     // The Redis-side mark agrees too (`gen:offset`).
     let marks: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(format!("{{{stream}}}:redtail:marks"))
+        .arg(format!("{{{stream}}}:redtail:marks:testhost"))
         .query(&mut redis.conn())
         .unwrap();
     assert_eq!(marks.len(), 1, "{marks:?}");

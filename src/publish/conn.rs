@@ -82,7 +82,7 @@ pub async fn connect(
     pipe.ignore_errors();
     let mut what = Vec::new();
     for k in keys.iter().filter(|k| seen.insert(k.marks.clone())) {
-        pipe.cmd("WATCH").arg(&k.guard);
+        pipe.cmd("WATCH").arg(&k.guard).arg(&k.marks);
         pipe.cmd("EVAL")
             .arg(GUARD_SCRIPT)
             .arg(3)

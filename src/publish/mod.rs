@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 pub use conn::{is_transient, Backoff};
 pub use dead::xadd_pairs;
 
-use crate::config::{marks_key, Config};
+use crate::config::{host_marks_key, marks_key, Config};
 use crate::deadletter;
 use crate::record::{FileInfo, Parsed};
 use crate::stats::{add, STATS};
@@ -69,6 +69,9 @@ pub struct Publisher {
     /// Paths by (source, mark field), for reports about files not in the current group.
     paths: std::collections::HashMap<(usize, String), String>,
     gaps_reported: HashSet<(String, Gap)>,
+    /// Mismatches in a row (reset by an applied transaction): past a few, the careful path
+    /// pauses between rounds instead of spinning against another writer of the marks.
+    mismatches: u32,
 }
 
 /// What a pipeline's replies leave to do.
@@ -127,11 +130,12 @@ impl Publisher {
                 .sources
                 .iter()
                 .map(|s| {
-                    let marks = marks_key(&s.stream);
+                    let marks = host_marks_key(&s.stream, &cfg.agent.host_name);
                     Keys {
                         stream: s.stream.clone(),
                         guard: protocol::guard_key(&marks),
                         marks,
+                        legacy_marks: marks_key(&s.stream),
                     }
                 })
                 .collect(),
@@ -141,6 +145,7 @@ impl Publisher {
             chain: Chain::default(),
             paths: Default::default(),
             gaps_reported: HashSet::new(),
+            mismatches: 0,
         })
     }
 
@@ -397,7 +402,7 @@ impl Publisher {
                         error!(path = %file.path, expected = sent + 1, got = len, "EXEC returned an unexpected number of replies");
                     }
                     if let Some((_, e)) = errors.iter().find(|(i, _)| *i == sent) {
-                        anyhow::bail!("the marks key {:?} is not usable ({e}): entries of {} up to byte {} are in the stream but its mark could not be written; fix or delete the key, then start again", self.keys[file.source].marks, file.path, last.1);
+                        anyhow::bail!("the marks key {:?} is not usable ({e}): entries of {} up to byte {} (generation {}) are in the stream but its mark could not be written. Restore it as a hash with the field {:?} set to \"{}:{}\", then start again (deleting it instead makes files resume at their checkpoints and may send lines twice)", self.keys[file.source].marks, file.path, last.1, last.0, file.mark_field, last.0, last.1);
                     }
                     self.dead_refused_items(group, &txns[t], errors);
                     add(
@@ -413,6 +418,7 @@ impl Publisher {
                         next = Next::Again { pause: false };
                         continue;
                     }
+                    self.mismatches = 0;
                     self.chain
                         .confirm(file.source, &file.mark_field, Some(txns[t].new));
                     if careful {
@@ -431,6 +437,10 @@ impl Publisher {
                 }
                 Ok(TxnReply::Mismatch) => {
                     txns[t].not_applied = true;
+                    self.mismatches += 1;
+                    if self.mismatches == 4 {
+                        warn!(path = %file.path, marks = %self.keys[file.source].marks, "the file's mark keeps differing from what was just read: is another process writing this agent's marks hash or guard key? Retrying with pauses");
+                    }
                     // The mark is not where this transaction was built: an earlier part
                     // failed, or Redis lost data. Read it and build again.
                     self.chain.forget(file.source, &file.mark_field);
@@ -570,7 +580,7 @@ impl Publisher {
                     .iter()
                     .map(|&t| group[txns[t].batches[0]].file.clone())
                     .collect();
-                match self.read_marks(&mut c, &files).await {
+                match self.read_marks(&mut c, &files).await? {
                     Ok(marks) => {
                         for (f, m) in files.iter().zip(marks) {
                             self.chain.set(f.source, &f.mark_field, m);
@@ -641,7 +651,7 @@ impl Publisher {
             {
                 Next::Clean => break,
                 Next::Again { pause: p } => {
-                    pause = p;
+                    pause = p || self.mismatches > 3;
                     if p && last_err.is_none() {
                         last_err = Some("Redis refused a transaction".into());
                     }
@@ -654,22 +664,71 @@ impl Publisher {
         Ok(true)
     }
 
-    /// HGETs of the marks of `files`, pipelined.
+    /// HGETs of the marks of `files`, pipelined. A file without a mark in this agent's hash
+    /// adopts one written before marks were per host (copied over with HSETNX, once). Err
+    /// (outer): the marks cannot be used (another type, a malformed value): the agent stops.
     async fn read_marks(
         &mut self,
         c: &mut MultiplexedConnection,
         files: &[Arc<FileInfo>],
-    ) -> Result<Vec<Option<protocol::Mark>>, RedisError> {
+    ) -> anyhow::Result<Result<Vec<Option<protocol::Mark>>, RedisError>> {
         let mut pipe = redis::pipe();
         for f in files {
-            pipe.cmd("HGET")
-                .arg(&self.keys[f.source].marks)
-                .arg(&f.mark_field);
+            let k = &self.keys[f.source];
+            pipe.cmd("HGET").arg(&k.marks).arg(&f.mark_field);
+            pipe.cmd("HGET").arg(&k.legacy_marks).arg(&f.mark_field);
         }
-        let v: Vec<Option<String>> = pipe.query_async(c).await?;
-        Ok(v.into_iter()
-            .map(|m| m.as_deref().and_then(parse_mark))
-            .collect())
+        let v: Vec<Option<String>> = match pipe.query_async(c).await {
+            Ok(v) => v,
+            Err(e) if is_transient(&e) => return Ok(Err(e)),
+            Err(e) => anyhow::bail!(
+                "cannot read the high-water marks ({}): {e}. The marks hashes must be hashes; move the key away (RENAME) and start again (files then resume at their checkpoints, which may send up to agent.commit_interval of lines again)",
+                files
+                    .iter()
+                    .map(|f| self.keys[f.source].marks.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let mut out = Vec::with_capacity(files.len());
+        let mut adopt = redis::pipe();
+        for (f, pair) in files.iter().zip(v.chunks(2)) {
+            let k = &self.keys[f.source];
+            let (raw, from) = match (&pair[0], &pair[1]) {
+                (Some(m), _) => (Some(m.clone()), &k.marks),
+                (None, Some(l)) => {
+                    adopt
+                        .cmd("HSETNX")
+                        .arg(&k.marks)
+                        .arg(&f.mark_field)
+                        .arg(l)
+                        .ignore();
+                    (Some(l.clone()), &k.legacy_marks)
+                }
+                (None, None) => (None, &k.marks),
+            };
+            match raw {
+                None => out.push(None),
+                Some(r) => match parse_mark(&r) {
+                    Some(m) => out.push(Some(m)),
+                    None => anyhow::bail!(
+                        "the high-water mark of {} (field {:?} of {from}) is {r:?}, not \"<generation>:<offset>\": something else wrote it. Fix or delete that field, then start again",
+                        f.path,
+                        f.mark_field
+                    ),
+                },
+            }
+        }
+        if !adopt.is_empty() {
+            if let Err(e) = adopt.query_async::<()>(c).await {
+                return Ok(Err(e));
+            }
+            info!(
+                files = adopt.cmd_iter().count(),
+                "adopted high-water marks written before marks were per host"
+            );
+        }
+        Ok(Ok(out))
     }
 
     /// After a reconnect: reads the mark of every file the publisher has published to
@@ -687,6 +746,8 @@ impl Publisher {
             }
             let v: Vec<Option<String>> = pipe.query_async(c).await?;
             for ((s, field, believed), read) in chunk.iter().zip(v) {
+                // A malformed value is caught (and stops the agent) when the file's next
+                // transaction reads it; here it counts as missing.
                 let read = read.as_deref().and_then(parse_mark);
                 tracing::debug!(field = %field, believed = ?believed, read = ?read, "mark after reconnect");
                 if let Some(gap) = check_known(*believed, read) {

@@ -7,8 +7,8 @@
 //! the stream holds. Each transaction for a file is sent as
 //!
 //! ```text
-//! WATCH {<stream>}:redtail:guard
-//! EVAL <GUARD_SCRIPT> 3 <marks> <guard> <stream> <field> <expected mark or "">
+//! WATCH {<stream>}:redtail:guard:<host> {<stream>}:redtail:marks:<host>
+//! EVAL <GUARD_SCRIPT> 3 <marks> <guard> <stream> <field> <expected mark or ""> 1
 //! MULTI
 //! XADD <stream> * …            (one per record)
 //! HSET <marks> <field> <new mark>
@@ -16,7 +16,10 @@
 //! ```
 //!
 //! The script compares the mark with the one the transaction was built on; on a mismatch it
-//! writes the guard key, which the WATCH turns into an aborted EXEC (a nil reply). So:
+//! writes the guard key, which the WATCH turns into an aborted EXEC (a nil reply). The marks
+//! hash is WATCHed too: it belongs to this agent alone (`<host>`), so a change between the
+//! check and the EXEC can only come from this agent's own older connection (a pipeline Redis
+//! runs late, after a timeout), and must abort this one. So:
 //!
 //! - **I1. A transaction applies only on top of the mark it expects.** Marks only ever take
 //!   values along one chain (each transaction's new mark is past its expected one), so a
@@ -43,13 +46,15 @@ pub type Mark = (u32, u64);
 
 /// The check run before each transaction. KEYS: marks hash, guard key, stream.
 /// ARGV: mark field, expected value ("" = no mark), "1" to check the stream's type (a
-/// mark-only transaction does not). Returns 1 (go), 0 (the mark is not the
-/// expected one) or 2 (the stream key holds another type); on 0 and 2 the guard key is
-/// written, so the WATCHed EXEC that follows aborts. `allow-oom`: the guard write must work
-/// when Redis is out of memory, or a failed check could not stop the EXEC (needs Redis 7).
+/// mark-only transaction does not). Returns 1 (go), 0 (the mark is not the expected one, or
+/// cannot be read: the marks key holds another type) or 2 (the stream key holds another
+/// type); on 0 and 2 the guard key is written, so the WATCHed EXEC that follows aborts. The
+/// script cannot fail on the data it reads (`pcall`), and `SET` writes the guard whatever
+/// the key held. `allow-oom`: the guard write must work when Redis is out of memory, or a
+/// failed check could not stop the EXEC (needs Redis 7).
 pub const GUARD_SCRIPT: &str = "#!lua flags=allow-oom
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if v == false then v = '' end
+local ok, v = pcall(redis.call, 'HGET', KEYS[1], ARGV[1])
+if not ok then v = nil elseif v == false then v = '' end
 local r = 1
 if v ~= ARGV[2] then
   r = 0
@@ -58,8 +63,7 @@ elseif ARGV[3] == '1' then
   if t ~= 'stream' and t ~= 'none' then r = 2 end
 end
 if r ~= 1 then
-  redis.call('INCR', KEYS[2])
-  redis.call('PEXPIRE', KEYS[2], 60000)
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', 60000)
 end
 return r
 ";
@@ -80,10 +84,14 @@ pub fn parse_mark(v: &str) -> Option<Mark> {
     Some((g.parse().ok()?, o.parse().ok()?))
 }
 
-/// The guard key of a marks key: same hash slot.
+/// The guard key of a marks key: same hash slot, same agent.
 pub fn guard_key(marks_key: &str) -> String {
-    match marks_key.strip_suffix(":marks") {
-        Some(base) => format!("{base}:guard"),
+    match marks_key.rfind(":redtail:marks") {
+        Some(i) => format!(
+            "{}:redtail:guard{}",
+            &marks_key[..i],
+            &marks_key[i + ":redtail:marks".len()..]
+        ),
         None => format!("{marks_key}:guard"),
     }
 }
@@ -439,8 +447,8 @@ mod tests {
     #[test]
     fn guard_key_shares_the_slot() {
         assert_eq!(
-            guard_key("{logs:nginx}:redtail:marks"),
-            "{logs:nginx}:redtail:guard"
+            guard_key("{logs:nginx}:redtail:marks:web1"),
+            "{logs:nginx}:redtail:guard:web1"
         );
     }
 }

@@ -11,8 +11,11 @@ use crate::record::Parsed;
 /// The keys of one source's stream.
 pub struct Keys {
     pub stream: String,
+    /// This agent's marks hash (`config::host_marks_key`).
     pub marks: String,
     pub guard: String,
+    /// Where marks written before per-host marks existed are (`config::marks_key`).
+    pub legacy_marks: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +152,7 @@ pub fn pipe_of(
         let txn = &txns[t];
         let file = group[txn.batches[0]].file.clone();
         let k = &keys[file.source];
-        pipe.cmd("WATCH").arg(&k.guard);
+        pipe.cmd("WATCH").arg(&k.guard).arg(&k.marks);
         pipe.cmd("EVAL")
             .arg(GUARD_SCRIPT)
             .arg(3)
