@@ -14,6 +14,7 @@ use super::*;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]

@@ -2,7 +2,11 @@
 //! no sleeps.
 
 use super::*;
+use crate::record::{Fingerprint, SpanKind};
+use discovery::static_dir;
+use state::Start;
 use std::io::Write;
+use std::path::Path;
 
 fn opts(once: bool) -> Options {
     Options {

@@ -1,0 +1,485 @@
+//! Per-file state and the decisions about it: where reading starts ([`start_point`], the
+//! Redis marks lookup), opening a file ([`Follower::open_new`]), reopening one closed for the
+//! open-file limit, the limit itself, and in-place truncation (generation + 1).
+//!
+//! Invariants: (generation, offset) only grows per identity; a checkpoint is resumed only
+//! by the content it describes (same fingerprint); every byte given up (closed early,
+//! truncated mid-line) is counted in `lost_bytes` and logged.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redtail_state::Checkpoint;
+use tracing::{debug, error, info, warn};
+
+use crate::config::StartAt;
+use crate::record::{FileInfo, FileKey, Fingerprint, Span};
+use crate::stats::{add, STATS};
+
+use super::*;
+
+/// Where reading starts, and whether Redis should already hold what lies before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    pub offset: u64,
+    pub generation: u32,
+    /// Resumed from a checkpoint (Redis should hold a mark at `offset`).
+    pub resumed: bool,
+    /// The checkpoint's fingerprint, reused when resuming.
+    pub fingerprint: Option<Fingerprint>,
+}
+
+/// The start-point rule, in one place. Inputs: the local checkpoint for this (dev, inode),
+/// the fingerprint the file has now, the Redis-side mark for (dev, inode, that fingerprint),
+/// the size, and whether this is start-up.
+///
+/// 1. A checkpoint describing this content (same fingerprint) resumes at its offset, or —
+///    if the file is now shorter — starts the next generation at 0 (truncated while away).
+///    A checkpoint with another fingerprint means the inode now holds other content: read
+///    from 0. Generations count within one mark field (dev, inode, fingerprint) only.
+/// 2. No checkpoint: `start_at` applies to files present at start-up; files that appear
+///    later start at 0 (everything in them is new).
+/// 3. The Redis mark wins when it is ahead: it is written atomically with the entries, so it
+///    is the truth about what was published (the sled checkpoint lags by up to one commit
+///    interval, and is lost with a corrupt store).
+pub fn start_point(
+    cp: Option<&Checkpoint>,
+    current_fp: Option<Fingerprint>,
+    mark: Option<(u32, u64)>,
+    size: u64,
+    startup: bool,
+    start_at: StartAt,
+    end_boundary: impl FnOnce() -> u64,
+) -> Start {
+    let mut start = match cp {
+        Some(cp) if current_fp == Some(cp.fingerprint) && size >= cp.offset => Start {
+            offset: cp.offset,
+            generation: cp.generation,
+            resumed: true,
+            fingerprint: Some(cp.fingerprint),
+        },
+        Some(cp) if current_fp == Some(cp.fingerprint) => Start {
+            offset: 0,
+            generation: cp.generation + 1,
+            resumed: false,
+            fingerprint: None,
+        },
+        // Other content: another mark field, whose generations owe nothing to this
+        // checkpoint's (the mark below, if any, says where that content stands).
+        Some(_) => Start {
+            offset: 0,
+            generation: 0,
+            resumed: false,
+            fingerprint: None,
+        },
+        None => Start {
+            offset: if startup && start_at == StartAt::End {
+                end_boundary()
+            } else {
+                0
+            },
+            generation: 0,
+            resumed: false,
+            fingerprint: None,
+        },
+    };
+    if let Some((g, o)) = mark {
+        if (g, o) > (start.generation, start.offset) || (g == start.generation && !start.resumed) {
+            start = if size >= o {
+                Start {
+                    offset: o,
+                    generation: g,
+                    resumed: true,
+                    fingerprint: current_fp,
+                }
+            } else {
+                // Published up to `o` in generation `g`, but the file is shorter now.
+                Start {
+                    offset: 0,
+                    generation: g + 1,
+                    resumed: false,
+                    fingerprint: None,
+                }
+            };
+        }
+    }
+    start
+}
+
+/// Where the follower learns the Redis-side high-water mark of a file.
+pub trait Marks: Send {
+    /// The mark of `field` in the marks hash of source `source`'s stream, if any;
+    /// `Err(())` when Redis cannot be asked right now (the caller tries again later).
+    #[allow(clippy::result_unit_err)]
+    fn get(&mut self, source: usize, field: &str) -> Result<Option<(u32, u64)>, ()>;
+}
+
+/// No Redis: for tests and `backfill --dry-run`.
+pub struct NoMarks;
+
+impl Marks for NoMarks {
+    fn get(&mut self, _: usize, _: &str) -> Result<Option<(u32, u64)>, ()> {
+        Ok(None)
+    }
+}
+
+/// Offset just past the last newline at or before `size`: where `start_at = "end"` begins,
+/// so that a line being written right now is not cut in half.
+pub(super) fn end_boundary(file: &File, size: u64) -> u64 {
+    let mut pos = size;
+    let mut buf = vec![0u8; 64 << 10];
+    while pos > 0 {
+        let from = pos.saturating_sub(buf.len() as u64);
+        let len = (pos - from) as usize;
+        let Ok(n) = file.read_at(&mut buf[..len], from) else {
+            return size;
+        };
+        if let Some(i) = memchr::memrchr(b'\n', &buf[..n]) {
+            return from + i as u64 + 1;
+        }
+        pos = from;
+    }
+    0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    Live,
+    /// Rotated away, renamed out of the globs, or deleted: drain, then close.
+    Gone {
+        since: Instant,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pending {
+    pub(super) start: u64,
+    /// End of the last line, excluding its newline.
+    pub(super) end: u64,
+    pub(super) lines: u32,
+}
+
+pub(super) struct Oversize {
+    pub(super) start: u64,
+    pub(super) kept: Vec<u8>,
+    pub(super) total: u64,
+}
+
+pub(super) struct Tracked {
+    pub(super) source: usize,
+    pub(super) key: FileKey,
+    pub(super) path: PathBuf,
+    pub(super) file: Option<File>,
+    pub(super) info: Option<Arc<FileInfo>>,
+    pub(super) fingerprint: Option<Fingerprint>,
+    pub(super) generation: u32,
+    /// Next byte to read.
+    pub(super) pos: u64,
+    /// Bytes `[carry_start, pos)`, not yet handed out.
+    pub(super) carry: Vec<u8>,
+    pub(super) carry_start: u64,
+    /// Bytes before this (absolute) have been scanned for newlines.
+    pub(super) scan: u64,
+    /// Bytes before this (absolute) belong to finished records in `spans`.
+    pub(super) done: u64,
+    pub(super) spans: Vec<Span>,
+    pub(super) pending: Option<Pending>,
+    pub(super) oversize: Option<Oversize>,
+    /// The next batch is the first since a start that Redis holds no mark for.
+    pub(super) fresh: bool,
+    pub(super) last_data: Instant,
+    pub(super) next_poll: Instant,
+    pub(super) backoff: Duration,
+    pub(super) state: State,
+    pub(super) seen_round: u64,
+    pub(super) at_eof: bool,
+    /// The first bytes changed under us: treat as a truncation at the next read.
+    pub(super) rewritten: bool,
+}
+
+impl Tracked {
+    pub(super) fn unterminated(&self) -> u64 {
+        self.pos - self.scan_line_start()
+    }
+
+    /// Start of the line being written (after the last newline seen).
+    pub(super) fn scan_line_start(&self) -> u64 {
+        self.scan
+    }
+
+    pub(super) fn buffered_done(&self) -> usize {
+        (self.done - self.carry_start) as usize
+    }
+
+    pub(super) fn info(&mut self) -> Arc<FileInfo> {
+        if let Some(i) = &self.info {
+            return i.clone();
+        }
+        let fp = match (self.fingerprint, &self.file) {
+            (Some(fp), _) => fp,
+            (None, Some(f)) => fingerprint_of(f).ok().flatten().unwrap_or(Fingerprint {
+                len: 0,
+                hash: fnv1a(b""),
+            }),
+            (None, None) => Fingerprint {
+                len: 0,
+                hash: fnv1a(b""),
+            },
+        };
+        self.fingerprint = Some(fp);
+        let info = FileInfo::new(
+            self.source,
+            self.key,
+            fp,
+            self.generation,
+            self.path.to_string_lossy().into_owned(),
+        );
+        self.info = Some(info.clone());
+        info
+    }
+
+    pub(super) fn set_path(&mut self, path: PathBuf) {
+        if self.path != path {
+            self.path = path;
+            self.info = None;
+        }
+    }
+}
+
+impl Follower {
+    /// The file shrank below our position: emit what is whole, then start again at 0 with
+    /// the next generation.
+    pub(super) fn truncated(
+        &mut self,
+        f: &mut Tracked,
+        sink: &mut dyn Sink,
+        report: &mut TickReport,
+    ) -> bool {
+        if let Some(p) = f.pending.take() {
+            Self::finish_pending(f, p);
+        }
+        if !self.emit(f, sink, report) {
+            return false;
+        }
+        let lost = f.pos - f.done;
+        if lost > 0 {
+            add(&STATS.lost_bytes, lost);
+            warn!(path = %f.path.display(), bytes = lost, "file truncated while its last line was incomplete; those bytes are gone");
+        }
+        add(&STATS.truncations, 1);
+        info!(path = %f.path.display(), offset = f.pos, generation = f.generation + 1, "file truncated; reading again from the start");
+        f.generation += 1;
+        f.fingerprint = None;
+        f.info = None;
+        f.pos = 0;
+        f.carry.clear();
+        f.carry_start = 0;
+        f.scan = 0;
+        f.done = 0;
+        f.spans.clear();
+        f.oversize = None;
+        f.fresh = true;
+        if let Some(h) = f.file.as_mut() {
+            let _ = h.seek(SeekFrom::Start(0));
+        }
+        true
+    }
+
+    pub(super) fn open_new(
+        &mut self,
+        si: usize,
+        key: FileKey,
+        path: &Path,
+        _size: u64,
+        now: Instant,
+        round: u64,
+    ) {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                if self
+                    .warned_missing
+                    .insert(path.to_string_lossy().into_owned())
+                {
+                    error!(path = %path.display(), error = %e, "cannot open file; will retry at every discovery");
+                }
+                return;
+            }
+        };
+        let Ok(meta) = file.metadata() else { return };
+        if meta.dev() != key.dev || meta.ino() != key.ino {
+            // Replaced between stat and open; the next discovery sees the new one.
+            return;
+        }
+        self.warned_missing.remove(path.to_string_lossy().as_ref());
+        let cp = self.checkpoints.get(&(si, key));
+        let current_fp = match cp {
+            // Compare over the checkpoint's length: the first line may have grown since.
+            Some(cp) if fingerprint_matches(&file, cp.fingerprint) => Some(cp.fingerprint),
+            _ => fingerprint_of(&file).ok().flatten(),
+        };
+        let mark = match current_fp {
+            Some(fp) => match self.marks.get(si, &crate::record::file_id(key, fp)) {
+                Ok(m) => m,
+                // Redis is down: where to start is unknown. Open it at a later discovery;
+                // nothing could be published now anyway. (It keeps its start-up status.)
+                Err(()) => {
+                    if self.startup {
+                        let end = end_boundary(&file, meta.len());
+                        self.startup_deferred.insert((si, key), end);
+                    }
+                    return;
+                }
+            },
+            None => None,
+        };
+        let deferred_end = self.startup_deferred.remove(&(si, key));
+        let present_at_startup = self.startup || deferred_end.is_some();
+        let start = start_point(
+            cp,
+            current_fp,
+            mark,
+            meta.len(),
+            present_at_startup,
+            self.sources[si].start_at,
+            || deferred_end.unwrap_or_else(|| end_boundary(&file, meta.len())),
+        );
+        if let Some(cp) = cp.filter(|c| c.offset > 0 && current_fp == Some(c.fingerprint)) {
+            if mark.is_none_or(|m| m < (cp.generation, cp.offset)) {
+                add(&STATS.redis_gaps, 1);
+                error!(
+                    path = %path.display(),
+                    checkpoint = cp.offset,
+                    redis_mark = ?mark,
+                    "Redis has no high-water mark (or an older one) for this file although the checkpoint says bytes up to {} were published: Redis lost data (restart without persistence, FLUSHALL, failover?). Not republishing them (see docs/exactly-once.md); continuing from the checkpoint.",
+                    cp.offset
+                );
+            }
+        }
+        if cp.is_some() && !start.resumed && start.offset == 0 {
+            warn!(path = %path.display(), "checkpoint does not match the file any more (truncated, rewritten or inode reused); reading it from the start");
+        }
+        self.insert_tracked(si, key, path, file, start, now, round);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn insert_tracked(
+        &mut self,
+        si: usize,
+        key: FileKey,
+        path: &Path,
+        mut file: File,
+        start: Start,
+        now: Instant,
+        round: u64,
+    ) {
+        if start.offset > 0 {
+            if let Err(e) = file.seek(SeekFrom::Start(start.offset)) {
+                error!(path = %path.display(), error = %e, "cannot seek; will retry");
+                return;
+            }
+        }
+        add(&STATS.files_opened, 1);
+        info!(
+            source = %self.sources[si].name,
+            path = %path.display(),
+            offset = start.offset,
+            resumed = start.resumed,
+            "following file"
+        );
+        if let Some(d) = path.parent() {
+            self.watch_dirs.insert(d.to_path_buf());
+        }
+        self.files.insert(
+            (si, key),
+            Tracked {
+                source: si,
+                key,
+                path: path.to_path_buf(),
+                file: Some(file),
+                info: None,
+                fingerprint: start.fingerprint,
+                generation: start.generation,
+                pos: start.offset,
+                carry: Vec::new(),
+                carry_start: start.offset,
+                scan: start.offset,
+                done: start.offset,
+                spans: Vec::new(),
+                pending: None,
+                oversize: None,
+                fresh: !start.resumed,
+                last_data: now,
+                next_poll: now,
+                backoff: Duration::ZERO,
+                state: State::Live,
+                seen_round: round,
+                at_eof: false,
+                rewritten: false,
+            },
+        );
+        self.enforce_open_limit();
+    }
+
+    pub(super) fn reopen(&mut self, si: usize, key: FileKey, path: &Path) {
+        let Some(f) = self.files.get_mut(&(si, key)) else {
+            return;
+        };
+        match File::open(path) {
+            Ok(mut h) => {
+                let same = h
+                    .metadata()
+                    .map(|m| m.dev() == key.dev && m.ino() == key.ino)
+                    .unwrap_or(false);
+                if same && h.seek(SeekFrom::Start(f.pos)).is_ok() {
+                    f.file = Some(h);
+                    f.next_poll = Instant::now();
+                }
+            }
+            Err(e) => warn!(path = %path.display(), error = %e, "cannot reopen file"),
+        }
+    }
+
+    /// Over the open-file limit: close the files idle the longest (they are reopened when
+    /// they grow). A rotated-away file cannot be reopened: closing it early loses its unread
+    /// bytes, which is counted and logged.
+    pub(super) fn enforce_open_limit(&mut self) {
+        if self.files.len() <= self.opts.max_open_files {
+            return;
+        }
+        let open = self.files.values().filter(|f| f.file.is_some()).count();
+        if open <= self.opts.max_open_files {
+            return;
+        }
+        let mut candidates: Vec<(bool, Instant, (usize, FileKey))> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.file.is_some())
+            .map(|(k, f)| (matches!(f.state, State::Gone { .. }), f.last_data, *k))
+            .collect();
+        // Live idle files first (cheap to reopen), oldest first.
+        candidates.sort();
+        for (gone, _, k) in candidates.into_iter().take(open - self.opts.max_open_files) {
+            if gone {
+                if let Some(f) = self.files.remove(&k) {
+                    let size = f
+                        .file
+                        .as_ref()
+                        .and_then(|h| h.metadata().ok())
+                        .map(|m| m.len())
+                        .unwrap_or(f.pos);
+                    let lost = size.saturating_sub(f.done);
+                    add(&STATS.lost_bytes, lost);
+                    error!(path = %f.path.display(), bytes = lost, limit = self.opts.max_open_files, "closing a rotated file before it was drained: over agent.max_open_files; these bytes are lost");
+                }
+            } else if let Some(f) = self.files.get_mut(&k) {
+                f.file = None;
+                debug!(path = %f.path.display(), "closed idle file (open-file limit)");
+            }
+        }
+    }
+}
