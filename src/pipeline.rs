@@ -328,7 +328,7 @@ impl follow::Marks for RedisMarks {
             Err(e) => {
                 self.conn = None;
                 if self.down_until.is_none() {
-                    warn!(error = %e, "Redis unavailable: cannot read high-water marks; new files are opened once it is back (nothing is lost)");
+                    warn!(error = %e, "Redis unavailable: cannot read high-water marks; files are opened from their checkpoints and the publisher checks the marks when it is back (nothing is lost)");
                 }
                 self.down_until = Some(Instant::now() + Duration::from_secs(1));
                 Err(())
@@ -343,15 +343,26 @@ pub struct ChannelSink {
     pub batches: Sender<Batch>,
     pub shutdown: Receiver<()>,
     pub recycled: Receiver<Vec<u8>>,
+    /// A credit taken by `has_credit`, for the next `send`.
+    pub held: bool,
 }
 
 impl Sink for ChannelSink {
     fn send(&mut self, batch: Batch) -> bool {
-        crossbeam_channel::select! {
-            send(self.credits, ()) -> r => if r.is_err() { return false },
-            recv(self.shutdown) -> _ => return false,
+        if !std::mem::take(&mut self.held) {
+            crossbeam_channel::select! {
+                send(self.credits, ()) -> r => if r.is_err() { return false },
+                recv(self.shutdown) -> _ => return false,
+            }
         }
         self.batches.send(batch).is_ok()
+    }
+
+    fn has_credit(&mut self) -> bool {
+        if !self.held {
+            self.held = self.credits.try_send(()).is_ok();
+        }
+        self.held
     }
 
     fn buffer(&mut self) -> Vec<u8> {
@@ -616,6 +627,7 @@ pub fn run(
                 batches: batch_tx,
                 shutdown: stop_rx.clone(),
                 recycled: recycle_rx,
+                held: false,
             };
             let pb = progress;
             let mut sized = false;

@@ -189,15 +189,14 @@ impl Follower {
             }
         }
         if !self.rotated_scan_done {
-            self.rotated_scan_done = self.find_rotated_while_stopped(now, round);
+            self.find_rotated_while_stopped(now, round);
+            self.rotated_scan_done = true;
         }
     }
 
     /// Files rotated while the agent was stopped and renamed to a name the globs do not
     /// match: look for their inode next to where they were last seen, and drain them.
-    /// Returns false when some file had to be left for later (Redis unreachable).
-    pub(super) fn find_rotated_while_stopped(&mut self, now: Instant, round: u64) -> bool {
-        let mut complete = true;
+    pub(super) fn find_rotated_while_stopped(&mut self, now: Instant, round: u64) {
         use std::os::unix::fs::DirEntryExt;
         let missing: Vec<Checkpoint> = self
             .checkpoints
@@ -230,13 +229,11 @@ impl Follower {
                 if !fingerprint_matches(&file, cp.fingerprint) || meta.len() <= cp.offset {
                     break;
                 }
-                let Ok(mark) = self
+                // Redis unreachable: start from the checkpoint; the publisher checks.
+                let mark = self
                     .marks
                     .get(si, &crate::record::file_id(cp.key, cp.fingerprint))
-                else {
-                    complete = false;
-                    break;
-                };
+                    .unwrap_or(None);
                 let start = start_point(
                     Some(&cp),
                     Some(cp.fingerprint),
@@ -257,7 +254,6 @@ impl Follower {
                 break;
             }
         }
-        complete
     }
 }
 

@@ -135,6 +135,12 @@ pub struct TickReport {
 /// The sink the follower hands batches to. Returns false when the pipeline is shutting down.
 pub trait Sink {
     fn send(&mut self, batch: Batch) -> bool;
+    /// Could `send` go through now without waiting? A `true` may reserve the credit for
+    /// the next `send`. Followers ask before reading more, so they never sit blocked in
+    /// `send` while files appear and vanish.
+    fn has_credit(&mut self) -> bool {
+        true
+    }
     /// A buffer to cut the next batch into (recycled from published batches when possible).
     fn buffer(&mut self) -> Vec<u8> {
         Vec::new()
@@ -165,9 +171,6 @@ pub struct Follower {
     marks: Box<dyn Marks>,
     /// The start-up search for files rotated while stopped has run to the end.
     rotated_scan_done: bool,
-    /// Files present at start-up whose opening waits for Redis (they keep `start_at`).
-    /// (Their `start_at = "end"` position as it was at start-up.)
-    startup_deferred: HashMap<(usize, FileKey), u64>,
     /// Path → followed files, for notify hints; rebuilt after discovery changed things.
     path_index: HashMap<PathBuf, Vec<(usize, FileKey)>>,
     index_stale: bool,
@@ -208,7 +211,6 @@ impl Follower {
             watch_dirs: HashSet::new(),
             marks,
             rotated_scan_done: false,
-            startup_deferred: HashMap::new(),
             path_index: HashMap::new(),
             index_stale: true,
             epoch: Instant::now(),

@@ -20,6 +20,9 @@ use super::*;
 /// Quiet files are polled on this grid (see `service`).
 const POLL_GRID: Duration = Duration::from_millis(10);
 
+/// A file waiting for a credit is looked at again this soon.
+const STARVED_POLL: Duration = Duration::from_millis(20);
+
 impl Follower {
     /// Reads one file as far as is useful now, emits its batches; false = close it.
     pub(super) fn service(
@@ -72,6 +75,13 @@ impl Follower {
                 }
             }
             f.at_eof = false;
+            // No credit (Redis slow or down): read nothing more, return, and let discovery
+            // go on taking descriptors of new files (a file created and rotated away or
+            // deleted while we wait is reachable only through one).
+            if !self.opts.once && !sink.has_credit() {
+                f.next_poll = now + STARVED_POLL;
+                return true;
+            }
             match self.read_some(f, size) {
                 Ok(0) => {
                     f.at_eof = true;
@@ -135,8 +145,14 @@ impl Follower {
             add(&STATS.partial_lines_flushed, 1);
             info!(path = %f.path.display(), offset = start, bytes = len, "released a last line without newline");
         }
-        if f.done > f.carry_start && !self.emit(f, sink, report) {
-            return true;
+        if f.done > f.carry_start {
+            if !self.opts.once && !sink.has_credit() {
+                f.next_poll = now + STARVED_POLL;
+                return true;
+            }
+            if !self.emit(f, sink, report) {
+                return true;
+            }
         }
         if f.at_eof {
             // With inotify hints a quiet file is woken by its events; the poll is only the

@@ -68,6 +68,15 @@ pub fn start_point(
             resumed: false,
             fingerprint: None,
         },
+        // Empty now: truncated to nothing while we were away (or another, empty file under
+        // this inode; then the generation is merely higher than needed). Never back to a
+        // generation that may already have marks.
+        Some(cp) if current_fp.is_none() && size == 0 => Start {
+            offset: 0,
+            generation: cp.generation + 1,
+            resumed: false,
+            fingerprint: None,
+        },
         // Other content: another mark field, whose generations owe nothing to this
         // checkpoint's (the mark below, if any, says where that content stands).
         Some(_) => Start {
@@ -322,23 +331,18 @@ impl Follower {
             Some(cp) if fingerprint_matches(&file, cp.fingerprint) => Some(cp.fingerprint),
             _ => fingerprint_of(&file).ok().flatten(),
         };
-        let mark = match current_fp {
+        // The mark is an optimisation (where to start); the publisher checks every
+        // transaction against it. Redis being unreachable never keeps a file from being
+        // opened: a file created and rotated away or deleted during an outage is only
+        // reachable through the descriptor taken now.
+        let (mark, looked_up) = match current_fp {
             Some(fp) => match self.marks.get(si, &crate::record::file_id(key, fp)) {
-                Ok(m) => m,
-                // Redis is down: where to start is unknown. Open it at a later discovery;
-                // nothing could be published now anyway. (It keeps its start-up status.)
-                Err(()) => {
-                    if self.startup {
-                        let end = end_boundary(&file, meta.len());
-                        self.startup_deferred.insert((si, key), end);
-                    }
-                    return;
-                }
+                Ok(m) => (m, true),
+                Err(()) => (None, false),
             },
-            None => None,
+            None => (None, true),
         };
-        let deferred_end = self.startup_deferred.remove(&(si, key));
-        let present_at_startup = self.startup || deferred_end.is_some();
+        let present_at_startup = self.startup;
         let start = start_point(
             cp,
             current_fp,
@@ -346,10 +350,10 @@ impl Follower {
             meta.len(),
             present_at_startup,
             self.sources[si].start_at,
-            || deferred_end.unwrap_or_else(|| end_boundary(&file, meta.len())),
+            || end_boundary(&file, meta.len()),
         );
         if let Some(cp) = cp.filter(|c| c.offset > 0 && current_fp == Some(c.fingerprint)) {
-            if mark.is_none_or(|m| m < (cp.generation, cp.offset)) {
+            if looked_up && mark.is_none_or(|m| m < (cp.generation, cp.offset)) {
                 add(&STATS.redis_gaps, 1);
                 error!(
                     path = %path.display(),

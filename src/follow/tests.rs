@@ -6,6 +6,7 @@ use crate::record::{Fingerprint, SpanKind};
 use discovery::static_dir;
 use state::Start;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 fn opts(once: bool) -> Options {
@@ -319,4 +320,47 @@ fn static_dir_stops_at_first_wildcard() {
         static_dir("/var/log/*/app.log"),
         Some(PathBuf::from("/var/log"))
     );
+}
+
+#[test]
+fn truncated_to_empty_while_stopped_starts_the_next_generation() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.log");
+    append(&p, "");
+    let meta = std::fs::metadata(&p).unwrap();
+    let cp = Checkpoint {
+        source: "t".into(),
+        key: FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+        fingerprint: Fingerprint {
+            len: 5,
+            hash: fnv1a(b"aaaa\n"),
+        },
+        generation: 3,
+        offset: 10,
+        path: p.to_string_lossy().into_owned(),
+        updated_ms: 0,
+    };
+    let s = start_point(Some(&cp), None, None, 0, true, StartAt::Beginning, || 0);
+    assert_eq!((s.generation, s.offset, s.resumed), (4, 0, false));
+    let mut f = Follower::new(opts(false), spec(d.path()), vec![cp], Box::new(NoMarks));
+    let mut gens = vec![];
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(1));
+        f.tick(Instant::now(), &mut |b: Batch| {
+            gens.push(b.file.generation);
+            true
+        });
+    }
+    append(&p, "c\n");
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(1));
+        f.tick(Instant::now(), &mut |b: Batch| {
+            gens.push(b.file.generation);
+            true
+        });
+    }
+    assert_eq!(gens, [4]);
 }
