@@ -140,7 +140,7 @@ impl Writer {
             host: self.host.clone(),
             source: source.to_string(),
             path: file.path.clone(),
-            file_id: file_id(file.key, file.fingerprint),
+            file_id: file_id(file.key, file.btime, file.fingerprint),
             generation: file.generation,
             offset: rec.offset,
             length: rec.length,

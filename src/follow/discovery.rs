@@ -156,6 +156,37 @@ impl Follower {
                     .map(|m| m.nlink() == 0)
                     .unwrap_or(true);
                 add(&STATS.rotations, 1);
+                if deleted {
+                    // This identity is dead. Without birth times a new file that gets the
+                    // inode and the same first line would look like it; a tombstone makes
+                    // it the next generation of the same mark field, read from 0, instead of
+                    // resuming at the dead file's checkpoint or mark.
+                    let k = (f.source, f.key);
+                    match f.fingerprint.or_else(|| {
+                        f.file
+                            .as_ref()
+                            .and_then(|h| fingerprint_of(h).ok().flatten())
+                    }) {
+                        Some(fp) => {
+                            self.checkpoints.insert(
+                                k,
+                                Checkpoint {
+                                    source: self.sources[f.source].name.clone(),
+                                    key: f.key,
+                                    fingerprint: fp,
+                                    btime: f.btime,
+                                    generation: f.generation,
+                                    offset: u64::MAX,
+                                    path: f.path.to_string_lossy().into_owned(),
+                                    updated_ms: crate::pipeline::now_ms(),
+                                },
+                            );
+                        }
+                        None => {
+                            self.checkpoints.remove(&k);
+                        }
+                    }
+                }
                 // Where did it go? The kernel knows the open file's current name.
                 if let Some(now_at) = f.file.as_ref().and_then(current_path) {
                     if !deleted {
@@ -226,18 +257,31 @@ impl Follower {
                 if meta.dev() != cp.key.dev || meta.ino() != cp.key.ino {
                     continue;
                 }
-                if !fingerprint_matches(&file, cp.fingerprint) || meta.len() <= cp.offset {
+                let btime = self.btime_of(&meta);
+                if !fingerprint_matches(&file, cp.fingerprint)
+                    || !same_birth(cp.btime, cp.updated_ms, btime)
+                    || meta.len() <= cp.offset
+                {
                     break;
                 }
+                let adopting = cp.btime.is_none() && btime.is_some();
                 // Redis unreachable: start from the checkpoint; the publisher checks.
                 let mark = self
                     .marks
-                    .get(si, &crate::record::file_id(cp.key, cp.fingerprint))
+                    .get(si, &crate::record::file_id(cp.key, btime, cp.fingerprint))
                     .unwrap_or(None);
-                let start = start_point(
+                let legacy = if adopting {
+                    self.marks
+                        .get(si, &crate::record::file_id(cp.key, None, cp.fingerprint))
+                        .unwrap_or(None)
+                } else {
+                    None
+                };
+                let mut start = start_point(
                     Some(&cp),
                     Some(cp.fingerprint),
-                    mark,
+                    btime,
+                    mark.max(legacy),
                     meta.len(),
                     true,
                     StartAt::Beginning,
@@ -246,8 +290,11 @@ impl Follower {
                 if start.offset >= meta.len() {
                     break;
                 }
+                if adopting && mark != Some((start.generation, start.offset)) {
+                    start.resumed = false;
+                }
                 info!(path = %path.display(), was = %cp.path, offset = start.offset, "found a file rotated while the agent was stopped; draining it");
-                self.insert_tracked(si, cp.key, &path, file, start, now, round);
+                self.insert_tracked(si, cp.key, &path, file, start, btime, now, round);
                 if let Some(f) = self.files.get_mut(&(si, cp.key)) {
                     f.state = State::Gone { since: now };
                 }

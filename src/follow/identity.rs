@@ -1,8 +1,15 @@
-//! Identity: what makes a file the same file. Owns the fingerprint (hash of the first line,
-//! at most [`FINGERPRINT_MAX`] bytes) and how it is computed and compared.
+//! Identity: what makes a file the same file. A file is (dev, inode, birth time, fingerprint):
+//! the device and inode numbers, the birth time where the filesystem records one (statx
+//! `btime`), and a hash of its first line (at most [`FINGERPRINT_MAX`] bytes). The same four
+//! name its Redis mark field (`record::file_id`).
 //!
 //! Invariants: a fingerprint is a pure function of the file's leading bytes (FNV-1a, stable
-//! across versions and platforms, so it can name a Redis mark field); an empty file has none.
+//! across versions and platforms); an empty file has none. A reused inode with the same
+//! first line is another file when the birth times differ ([`same_birth`]); without birth
+//! times only the follower's own observation of the deletion tells them apart (it leaves a
+//! tombstone, see `discovery.rs`). A checkpoint written before birth times were recorded is
+//! adopted by a file of the same (dev, inode, fingerprint) only if that file was born before
+//! the checkpoint was last written.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -60,4 +67,27 @@ pub fn fingerprint_matches(file: &File, fp: Fingerprint) -> bool {
         }
     }
     fnv1a(&buf[..want]) == fp.hash
+}
+
+/// Birth time of a file in nanoseconds since the epoch, where the filesystem records one.
+/// (std's `created()` uses statx on Linux; ext4, xfs, btrfs and tmpfs record it, NFS, ext3
+/// and older kernels do not.)
+pub fn btime_of(meta: &std::fs::Metadata) -> Option<u64> {
+    let t = meta.created().ok()?;
+    let ns = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+    u64::try_from(ns).ok().filter(|&n| n > 0)
+}
+
+/// May a checkpoint (or mark) written for a file born at `cp_btime`, last updated at
+/// `cp_updated_ms`, describe a file born at `btime`?
+/// - both known: only the same birth;
+/// - the checkpoint has none but the file has one (written before redtail stored birth
+///   times): adopted once, if the file existed when the checkpoint was last written;
+/// - the file has none (the filesystem records none): dev, inode and fingerprint decide.
+pub fn same_birth(cp_btime: Option<u64>, cp_updated_ms: u64, btime: Option<u64>) -> bool {
+    match (cp_btime, btime) {
+        (Some(a), Some(b)) => a == b,
+        (None, Some(b)) => b / 1_000_000 <= cp_updated_ms,
+        (_, None) => true,
+    }
 }

@@ -39,7 +39,7 @@ mod identity;
 mod read;
 mod state;
 
-pub use identity::{fingerprint_matches, fingerprint_of, fnv1a};
+pub use identity::{btime_of, fingerprint_matches, fingerprint_of, fnv1a, same_birth};
 pub use state::{start_point, Marks, NoMarks};
 use state::{Oversize, Pending, State, Tracked};
 
@@ -67,6 +67,9 @@ pub struct Options {
     pub max_open_files: usize,
     /// Backfill: read every file to its end once; never release a last line without newline.
     pub once: bool,
+    /// Use birth times where the filesystem records them (false: behave as on a filesystem
+    /// without; for tests).
+    pub btime: bool,
 }
 
 impl Options {
@@ -83,6 +86,7 @@ impl Options {
             poll_interval: a.poll_interval,
             max_open_files: a.max_open_files,
             once,
+            btime: true,
         }
     }
 }

@@ -91,6 +91,7 @@ fn opts() -> Options {
         poll_interval: Duration::from_millis(1),
         max_open_files: 64,
         once: false,
+        btime: true,
     }
 }
 
@@ -161,6 +162,7 @@ impl Harness {
                     source: "m".into(),
                     key: b.file.key,
                     fingerprint: b.file.fingerprint,
+                    btime: b.file.btime,
                     generation: g,
                     offset: b.end,
                     path: b.file.path.clone(),

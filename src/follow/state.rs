@@ -34,28 +34,38 @@ pub struct Start {
 }
 
 /// The start-point rule, in one place. Inputs: the local checkpoint for this (dev, inode),
-/// the fingerprint the file has now, the Redis-side mark for (dev, inode, that fingerprint),
+/// the fingerprint and birth time the file has now, the Redis-side mark for its identity,
 /// the size, and whether this is start-up.
 ///
-/// 1. A checkpoint describing this content (same fingerprint) resumes at its offset, or —
-///    if the file is now shorter — starts the next generation at 0 (truncated while away).
-///    A checkpoint with another fingerprint means the inode now holds other content: read
-///    from 0. Generations count within one mark field (dev, inode, fingerprint) only.
+/// 1. A checkpoint describing this content (same fingerprint, same birth: [`same_birth`])
+///    resumes at its offset, or — if the file is now shorter — starts the next generation
+///    at 0 (truncated while away; also when truncated to empty). A checkpoint of another
+///    fingerprint or birth means the inode now holds another file: read from 0.
+///    Generations count within one mark field (one identity) only.
 /// 2. No checkpoint: `start_at` applies to files present at start-up; files that appear
 ///    later start at 0 (everything in them is new).
 /// 3. The Redis mark wins when it is ahead: it is written atomically with the entries, so it
 ///    is the truth about what was published (the sled checkpoint lags by up to one commit
 ///    interval, and is lost with a corrupt store).
+#[allow(clippy::too_many_arguments)]
 pub fn start_point(
     cp: Option<&Checkpoint>,
     current_fp: Option<Fingerprint>,
+    btime: Option<u64>,
     mark: Option<(u32, u64)>,
     size: u64,
     startup: bool,
     start_at: StartAt,
     end_boundary: impl FnOnce() -> u64,
 ) -> Start {
+    let cp_born = cp.filter(|c| same_birth(c.btime, c.updated_ms, btime));
     let mut start = match cp {
+        Some(_) if cp_born.is_none() => Start {
+            offset: 0,
+            generation: 0,
+            resumed: false,
+            fingerprint: None,
+        },
         Some(cp) if current_fp == Some(cp.fingerprint) && size >= cp.offset => Start {
             offset: cp.offset,
             generation: cp.generation,
@@ -185,6 +195,8 @@ pub(super) struct Tracked {
     pub(super) file: Option<File>,
     pub(super) info: Option<Arc<FileInfo>>,
     pub(super) fingerprint: Option<Fingerprint>,
+    /// Birth time (ns since the epoch), where the filesystem records one.
+    pub(super) btime: Option<u64>,
     pub(super) generation: u32,
     /// Next byte to read.
     pub(super) pos: u64,
@@ -244,6 +256,7 @@ impl Tracked {
             self.source,
             self.key,
             fp,
+            self.btime,
             self.generation,
             self.path.to_string_lossy().into_owned(),
         );
@@ -325,40 +338,76 @@ impl Follower {
             return;
         }
         self.warned_missing.remove(path.to_string_lossy().as_ref());
+        let btime = self.btime_of(&meta);
         let cp = self.checkpoints.get(&(si, key));
         let current_fp = match cp {
             // Compare over the checkpoint's length: the first line may have grown since.
             Some(cp) if fingerprint_matches(&file, cp.fingerprint) => Some(cp.fingerprint),
             _ => fingerprint_of(&file).ok().flatten(),
         };
+        // A checkpoint written before birth times were stored, for this content, by a file
+        // that existed then: adopted (once: its next commit carries the birth time). Its
+        // mark is under the old field name, without the birth time.
+        let adopting = cp.is_some_and(|c| {
+            c.btime.is_none()
+                && btime.is_some()
+                && current_fp == Some(c.fingerprint)
+                && same_birth(c.btime, c.updated_ms, btime)
+        });
         // The mark is an optimisation (where to start); the publisher checks every
         // transaction against it. Redis being unreachable never keeps a file from being
         // opened: a file created and rotated away or deleted during an outage is only
         // reachable through the descriptor taken now.
-        let (mark, looked_up) = match current_fp {
-            Some(fp) => match self.marks.get(si, &crate::record::file_id(key, fp)) {
-                Ok(m) => (m, true),
-                Err(()) => (None, false),
-            },
-            None => (None, true),
+        let mut looked_up = true;
+        let mut lookup = |field: String| match self.marks.get(si, &field) {
+            Ok(m) => m,
+            Err(()) => {
+                looked_up = false;
+                None
+            }
         };
+        let (mark, legacy_mark) = match current_fp {
+            Some(fp) => (
+                lookup(crate::record::file_id(key, btime, fp)),
+                if adopting {
+                    lookup(crate::record::file_id(key, None, fp))
+                } else {
+                    None
+                },
+            ),
+            None => (None, None),
+        };
+        let best_mark = mark.max(legacy_mark);
         let present_at_startup = self.startup;
-        let start = start_point(
+        let mut start = start_point(
             cp,
             current_fp,
-            mark,
+            btime,
+            best_mark,
             meta.len(),
             present_at_startup,
             self.sources[si].start_at,
             || end_boundary(&file, meta.len()),
         );
-        if let Some(cp) = cp.filter(|c| c.offset > 0 && current_fp == Some(c.fingerprint)) {
-            if looked_up && mark.is_none_or(|m| m < (cp.generation, cp.offset)) {
+        if adopting {
+            info!(path = %path.display(), offset = start.offset, "adopting a checkpoint written without the file's birth time; its Redis mark moves to a field with the birth time");
+            // Redis holds a mark at the start under the new field only if an adopted run
+            // already published there.
+            if mark != Some((start.generation, start.offset)) {
+                start.resumed = false;
+            }
+        }
+        if let Some(cp) = cp.filter(|c| {
+            c.offset > 0
+                && current_fp == Some(c.fingerprint)
+                && same_birth(c.btime, c.updated_ms, btime)
+        }) {
+            if looked_up && best_mark.is_none_or(|m| m < (cp.generation, cp.offset)) {
                 add(&STATS.redis_gaps, 1);
                 error!(
                     path = %path.display(),
                     checkpoint = cp.offset,
-                    redis_mark = ?mark,
+                    redis_mark = ?best_mark,
                     "Redis has no high-water mark (or an older one) for this file although the checkpoint says bytes up to {} were published: Redis lost data (restart without persistence, FLUSHALL, failover?). Not republishing them (see docs/exactly-once.md); continuing from the checkpoint.",
                     cp.offset
                 );
@@ -367,7 +416,16 @@ impl Follower {
         if cp.is_some() && !start.resumed && start.offset == 0 {
             warn!(path = %path.display(), "checkpoint does not match the file any more (truncated, rewritten or inode reused); reading it from the start");
         }
-        self.insert_tracked(si, key, path, file, start, now, round);
+        self.insert_tracked(si, key, path, file, start, btime, now, round);
+    }
+
+    /// The birth time of a file, unless birth times are off ([`Options::btime`]).
+    pub(super) fn btime_of(&self, meta: &std::fs::Metadata) -> Option<u64> {
+        if self.opts.btime {
+            btime_of(meta)
+        } else {
+            None
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -378,6 +436,7 @@ impl Follower {
         path: &Path,
         mut file: File,
         start: Start,
+        btime: Option<u64>,
         now: Instant,
         round: u64,
     ) {
@@ -407,6 +466,7 @@ impl Follower {
                 file: Some(file),
                 info: None,
                 fingerprint: start.fingerprint,
+                btime,
                 generation: start.generation,
                 pos: start.offset,
                 carry: Vec::new(),
@@ -435,10 +495,16 @@ impl Follower {
         };
         match File::open(path) {
             Ok(mut h) => {
+                let btime = f.btime;
                 let same = h
                     .metadata()
-                    .map(|m| m.dev() == key.dev && m.ino() == key.ino)
-                    .unwrap_or(false);
+                    .map(|m| {
+                        m.dev() == key.dev
+                            && m.ino() == key.ino
+                            && (!self.opts.btime || btime_of(&m) == btime)
+                    })
+                    .unwrap_or(false)
+                    && f.fingerprint.is_none_or(|fp| fingerprint_matches(&h, fp));
                 if same && h.seek(SeekFrom::Start(f.pos)).is_ok() {
                     f.file = Some(h);
                     f.next_poll = Instant::now();
