@@ -93,6 +93,7 @@ impl Follower {
                             continue;
                         }
                         f.seen_round = round;
+                        f.last_size = meta.len();
                         if f.path != path {
                             // Renamed, unless the old path still names this file too (a hard
                             // link or a second matching symlink): then keep the old name.
@@ -196,15 +197,45 @@ impl Follower {
                 info!(
                     path = %f.path.display(),
                     offset = f.pos,
-                    how = if deleted { "deleted" } else { "rotated" },
+                    how = if f.file.is_none() {
+                        "closed for the open-file limit"
+                    } else if deleted {
+                        "deleted"
+                    } else {
+                        "rotated"
+                    },
                     "file rotated away; reading it to its end"
                 );
                 f.state = State::Gone { since: now };
                 if f.file.is_none() {
-                    // It was closed for the open-file limit and is no longer reachable by path.
-                    f.state = State::Gone {
-                        since: now - self.opts.rotate_wait,
-                    };
+                    // Closed for the open-file limit and no longer at its path: look for it
+                    // by identity next to where it was (rename rotation), and drain it.
+                    match find_by_identity(f, self.opts.btime) {
+                        Some((at, h)) => {
+                            info!(path = %at.display(), was = %f.path.display(), offset = f.pos, "found a closed file rotated away; reading it to its end");
+                            f.set_path(at);
+                            f.file = Some(h);
+                            f.at_eof = false;
+                            f.next_poll = now;
+                        }
+                        None => {
+                            // Deleted (or moved elsewhere) while closed: what it held past our
+                            // position is out of reach. The last size discovery saw bounds it.
+                            let lost = f.last_size.saturating_sub(f.done);
+                            add(&STATS.lost_bytes, lost);
+                            error!(
+                                path = %f.path.display(),
+                                from = f.done,
+                                to = f.last_size.max(f.done),
+                                "a file closed for agent.max_open_files was deleted or moved out of its directory before it was drained: bytes from {} on are lost ({} known)",
+                                f.done,
+                                lost
+                            );
+                            f.state = State::Gone {
+                                since: now - self.opts.rotate_wait,
+                            };
+                        }
+                    }
                 }
                 continue;
             }
@@ -332,4 +363,30 @@ pub fn static_dir(pattern: &str) -> Option<PathBuf> {
     } else {
         Some(dir)
     }
+}
+
+/// A file closed for the open-file limit, rotated away while closed: the entry of its
+/// directory with its (dev, inode), birth time and first line, opened at its position.
+fn find_by_identity(f: &Tracked, use_btime: bool) -> Option<(PathBuf, File)> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::DirEntryExt;
+    let dir = f.path.parent()?;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        if entry.ino() != f.key.ino {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(mut h) = File::open(&path) else {
+            continue;
+        };
+        let Ok(m) = h.metadata() else { continue };
+        let same = m.dev() == f.key.dev
+            && m.ino() == f.key.ino
+            && (!use_btime || btime_of(&m) == f.btime)
+            && f.fingerprint.is_none_or(|fp| fingerprint_matches(&h, fp));
+        if same && h.seek(SeekFrom::Start(f.pos)).is_ok() {
+            return Some((path, h));
+        }
+    }
+    None
 }

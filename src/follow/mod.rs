@@ -181,6 +181,8 @@ pub struct Follower {
     epoch: Instant,
     /// inotify hints are flowing (polls can be slower).
     pub hinted: bool,
+    /// The open-file limit could not be honoured without risking data (said once).
+    warned_open_limit: bool,
 }
 
 impl Follower {
@@ -219,6 +221,7 @@ impl Follower {
             index_stale: true,
             epoch: Instant::now(),
             hinted: false,
+            warned_open_limit: false,
         }
     }
 
@@ -285,12 +288,16 @@ impl Follower {
                 }
                 self.index_stale = false;
             }
+            let mut reopen = Vec::new();
             for p in &dirty {
                 match self.path_index.get(p) {
                     Some(keys) => {
                         for k in keys {
                             if let Some(f) = self.files.get_mut(k) {
                                 f.next_poll = now;
+                                if f.file.is_none() && f.state == State::Live {
+                                    reopen.push((*k, p.clone()));
+                                }
                             }
                         }
                     }
@@ -301,6 +308,14 @@ impl Follower {
                             self.discover_now = true;
                         }
                     }
+                }
+            }
+            // A file closed for the open-file limit is reopened on a hint for its path;
+            // if the path names another file now, discovery looks for it by identity.
+            for ((si, key), p) in reopen {
+                self.reopen(si, key, &p);
+                if self.files.get(&(si, key)).is_some_and(|f| f.file.is_none()) {
+                    self.discover_now = true;
                 }
             }
         }

@@ -197,6 +197,8 @@ pub(super) struct Tracked {
     pub(super) fingerprint: Option<Fingerprint>,
     /// Birth time (ns since the epoch), where the filesystem records one.
     pub(super) btime: Option<u64>,
+    /// Size at the last glob pass (bounds what is lost if it vanishes while closed).
+    pub(super) last_size: u64,
     pub(super) generation: u32,
     /// Next byte to read.
     pub(super) pos: u64,
@@ -467,6 +469,7 @@ impl Follower {
                 info: None,
                 fingerprint: start.fingerprint,
                 btime,
+                last_size: start.offset,
                 generation: start.generation,
                 pos: start.offset,
                 carry: Vec::new(),
@@ -503,8 +506,7 @@ impl Follower {
                             && m.ino() == key.ino
                             && (!self.opts.btime || btime_of(&m) == btime)
                     })
-                    .unwrap_or(false)
-                    && f.fingerprint.is_none_or(|fp| fingerprint_matches(&h, fp));
+                    .unwrap_or(false);
                 if same && h.seek(SeekFrom::Start(f.pos)).is_ok() {
                     f.file = Some(h);
                     f.next_poll = Instant::now();
@@ -514,9 +516,12 @@ impl Follower {
         }
     }
 
-    /// Over the open-file limit: close the files idle the longest (they are reopened when
-    /// they grow). A rotated-away file cannot be reopened: closing it early loses its unread
-    /// bytes, which is counted and logged.
+    /// Over the open-file limit: close live files that are read to their end, idle the
+    /// longest first. They are reopened when they grow (glob pass, or a notify hint for
+    /// their path), and found again by identity next to their last path if they are
+    /// rotated away while closed (`discovery.rs`). A file with unread bytes, or a rotated
+    /// one being drained, is never closed for the limit: the limit is exceeded instead
+    /// (and said so once), because closing it could lose data.
     pub(super) fn enforce_open_limit(&mut self) {
         if self.files.len() <= self.opts.max_open_files {
             return;
@@ -525,28 +530,30 @@ impl Follower {
         if open <= self.opts.max_open_files {
             return;
         }
-        let mut candidates: Vec<(bool, Instant, (usize, FileKey))> = self
+        let mut candidates: Vec<(Instant, (usize, FileKey))> = self
             .files
             .iter()
-            .filter(|(_, f)| f.file.is_some())
-            .map(|(k, f)| (matches!(f.state, State::Gone { .. }), f.last_data, *k))
+            .filter(|(_, f)| f.state == State::Live && f.at_eof && f.file.is_some())
+            .filter(|(_, f)| {
+                f.file
+                    .as_ref()
+                    .and_then(|h| h.metadata().ok())
+                    .is_some_and(|m| m.len() == f.pos && m.nlink() > 0)
+            })
+            .map(|(k, f)| (f.last_data, *k))
             .collect();
-        // Live idle files first (cheap to reopen), oldest first.
         candidates.sort();
-        for (gone, _, k) in candidates.into_iter().take(open - self.opts.max_open_files) {
-            if gone {
-                if let Some(f) = self.files.remove(&k) {
-                    let size = f
-                        .file
-                        .as_ref()
-                        .and_then(|h| h.metadata().ok())
-                        .map(|m| m.len())
-                        .unwrap_or(f.pos);
-                    let lost = size.saturating_sub(f.done);
-                    add(&STATS.lost_bytes, lost);
-                    error!(path = %f.path.display(), bytes = lost, limit = self.opts.max_open_files, "closing a rotated file before it was drained: over agent.max_open_files; these bytes are lost");
-                }
-            } else if let Some(f) = self.files.get_mut(&k) {
+        let excess = open - self.opts.max_open_files;
+        if candidates.len() < excess && !self.warned_open_limit {
+            self.warned_open_limit = true;
+            warn!(
+                open,
+                limit = self.opts.max_open_files,
+                "over agent.max_open_files, but the other open files have unread bytes or are rotated files being drained; keeping them open rather than risk losing data"
+            );
+        }
+        for (_, k) in candidates.into_iter().take(excess) {
+            if let Some(f) = self.files.get_mut(&k) {
                 f.file = None;
                 debug!(path = %f.path.display(), "closed idle file (open-file limit)");
             }

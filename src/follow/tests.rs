@@ -534,3 +534,76 @@ fn checkpoint_without_birth_time_is_adopted_once_by_a_file_born_before_it() {
     let got = drain_marked(&mut f, &marks);
     assert_eq!(got.len(), 3, "{got:?}");
 }
+
+fn texts(out: &[(u64, String)]) -> Vec<String> {
+    let mut t: Vec<String> = out.iter().map(|(_, s)| s.clone()).collect();
+    t.sort();
+    t
+}
+
+#[test]
+fn files_closed_for_the_open_file_limit_and_rotated_away_are_found_and_drained() {
+    let d = tempfile::tempdir().unwrap();
+    append(&d.path().join("a.log"), "a1\na2\n");
+    append(&d.path().join("b.log"), "b1\nb2\n");
+    let mut o = opts(false);
+    o.max_open_files = 1;
+    let mut f = Follower::new(o, spec(d.path()), vec![], Box::new(NoMarks));
+    let mut out = vec![];
+    drain(&mut f, &mut out);
+    assert_eq!(texts(&out), ["a1", "a2", "b1", "b2"]);
+    // One of them is closed now. Both grow and are renamed out of the globs before the
+    // agent looks again.
+    for n in ["a", "b"] {
+        append(&d.path().join(format!("{n}.log")), &format!("{n}3\n"));
+        std::fs::rename(
+            d.path().join(format!("{n}.log")),
+            d.path().join(format!("{n}.log.1")),
+        )
+        .unwrap();
+    }
+    drain(&mut f, &mut out);
+    assert_eq!(texts(&out), ["a1", "a2", "a3", "b1", "b2", "b3"]);
+}
+
+#[test]
+fn a_file_closed_for_the_open_file_limit_is_reopened_on_a_hint() {
+    let d = tempfile::tempdir().unwrap();
+    append(&d.path().join("a.log"), "a1\n");
+    append(&d.path().join("b.log"), "b1\n");
+    let mut o = opts(false);
+    o.max_open_files = 1;
+    o.glob_interval = Duration::from_secs(3600);
+    let mut f = Follower::new(o, spec(d.path()), vec![], Box::new(NoMarks));
+    let mut out = vec![];
+    drain(&mut f, &mut out);
+    assert_eq!(texts(&out), ["a1", "b1"]);
+    // No glob pass for an hour: only the hints can bring the closed one back.
+    for n in ["a", "b"] {
+        let p = d.path().join(format!("{n}.log"));
+        append(&p, &format!("{n}2\n"));
+        f.hint(p);
+    }
+    drain(&mut f, &mut out);
+    assert_eq!(texts(&out), ["a1", "a2", "b1", "b2"]);
+}
+
+#[test]
+fn files_with_unread_bytes_are_not_closed_for_the_open_file_limit() {
+    let d = tempfile::tempdir().unwrap();
+    for n in ["a", "b", "c"] {
+        append(&d.path().join(format!("{n}.log")), &format!("{n}1\n{n}2\n"));
+    }
+    let mut o = opts(false);
+    o.max_open_files = 1;
+    let mut f = Follower::new(o, spec(d.path()), vec![], Box::new(NoMarks));
+    // The first discovery opens all three before reading any: none may be closed unread,
+    // and each is deleted right after (only the descriptor reaches it).
+    f.discover(Instant::now());
+    for n in ["a", "b", "c"] {
+        std::fs::remove_file(d.path().join(format!("{n}.log"))).unwrap();
+    }
+    let mut out = vec![];
+    drain(&mut f, &mut out);
+    assert_eq!(texts(&out), ["a1", "a2", "b1", "b2", "c1", "c2"]);
+}
