@@ -44,6 +44,7 @@ pub use state::{start_point, Marks, NoMarks};
 use state::{Oversize, Pending, State, Tracked};
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -358,6 +359,30 @@ impl Follower {
             self.index_stale = true;
             if let Some(f) = self.files.remove(&k) {
                 debug!(path = %f.path.display(), offset = f.pos, "closed file");
+                // Drained and closed, but it still exists (renamed out of the globs): if it
+                // is renamed back into them, it resumes here, not at a start-up checkpoint
+                // or 0 (Redis may not be there to say where it is). A deleted file keeps
+                // the tombstone discovery left.
+                let alive = f
+                    .file
+                    .as_ref()
+                    .and_then(|h| h.metadata().ok())
+                    .is_some_and(|m| m.nlink() > 0);
+                if let (true, Some(fp)) = (alive, f.fingerprint) {
+                    self.checkpoints.insert(
+                        k,
+                        Checkpoint {
+                            source: self.sources[f.source].name.clone(),
+                            key: f.key,
+                            fingerprint: fp,
+                            btime: f.btime,
+                            generation: f.generation,
+                            offset: f.done,
+                            path: f.path.to_string_lossy().into_owned(),
+                            updated_ms: crate::pipeline::now_ms(),
+                        },
+                    );
+                }
             }
         }
         self.enforce_open_limit();

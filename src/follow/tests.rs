@@ -607,3 +607,30 @@ fn files_with_unread_bytes_are_not_closed_for_the_open_file_limit() {
     drain(&mut f, &mut out);
     assert_eq!(texts(&out), ["a1", "a2", "b1", "b2", "c1", "c2"]);
 }
+
+/// Redis is down: every lookup fails.
+struct DownMarks;
+
+impl Marks for DownMarks {
+    fn get(&mut self, _: usize, _: &str) -> Result<Option<(u32, u64)>, ()> {
+        Err(())
+    }
+}
+
+#[test]
+fn a_drained_file_renamed_back_into_the_globs_resumes_where_it_was() {
+    // Redis cannot be asked, so only the follower's own memory prevents a re-read.
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.log");
+    append(&p, "1\n2\n");
+    let mut f = Follower::new(opts(false), spec(d.path()), vec![], Box::new(DownMarks));
+    let mut out = vec![];
+    drain(&mut f, &mut out);
+    std::fs::rename(&p, d.path().join("a.old")).unwrap();
+    drain(&mut f, &mut out);
+    assert_eq!(f.file_count(), 0, "drained and closed");
+    std::fs::rename(d.path().join("a.old"), &p).unwrap();
+    append(&p, "3\n");
+    drain(&mut f, &mut out);
+    assert_eq!(texts(&out), ["1", "2", "3"]);
+}
