@@ -215,6 +215,7 @@ impl Follower {
                             info!(path = %at.display(), was = %f.path.display(), offset = f.pos, "found a closed file rotated away; reading it to its end");
                             f.set_path(at);
                             f.file = Some(h);
+                            f.closed_at = None;
                             f.at_eof = false;
                             f.next_poll = now;
                         }
@@ -365,13 +366,21 @@ pub fn static_dir(pattern: &str) -> Option<PathBuf> {
     }
 }
 
-/// A file closed for the open-file limit, rotated away while closed: the entry of its
-/// directory with its (dev, inode), birth time and first line, opened at its position.
+/// A file closed for the open-file limit, rotated away while closed: the entry with its
+/// (dev, inode), birth time and first line in its real directory (the target's, when it
+/// was followed through a symlink) or its path's, opened at its position.
 fn find_by_identity(f: &Tracked, use_btime: bool) -> Option<(PathBuf, File)> {
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::DirEntryExt;
-    let dir = f.path.parent()?;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+    let mut dirs: Vec<&Path> = Vec::new();
+    dirs.extend(f.closed_at.as_deref().and_then(Path::parent));
+    dirs.extend(f.path.parent());
+    dirs.dedup();
+    let entries = dirs
+        .into_iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten());
+    for entry in entries {
         if entry.ino() != f.key.ino {
             continue;
         }

@@ -199,6 +199,9 @@ pub(super) struct Tracked {
     pub(super) btime: Option<u64>,
     /// Size at the last glob pass (bounds what is lost if it vanishes while closed).
     pub(super) last_size: u64,
+    /// Closed for the open-file limit: where the kernel said the file was (the target, when
+    /// `path` is a symlink), to find it again if it is rotated away while closed.
+    pub(super) closed_at: Option<PathBuf>,
     pub(super) generation: u32,
     /// Next byte to read.
     pub(super) pos: u64,
@@ -470,6 +473,7 @@ impl Follower {
                 fingerprint: start.fingerprint,
                 btime,
                 last_size: start.offset,
+                closed_at: None,
                 generation: start.generation,
                 pos: start.offset,
                 carry: Vec::new(),
@@ -509,6 +513,7 @@ impl Follower {
                     .unwrap_or(false);
                 if same && h.seek(SeekFrom::Start(f.pos)).is_ok() {
                     f.file = Some(h);
+                    f.closed_at = None;
                     f.next_poll = Instant::now();
                 }
             }
@@ -554,6 +559,7 @@ impl Follower {
         }
         for (_, k) in candidates.into_iter().take(excess) {
             if let Some(f) = self.files.get_mut(&k) {
+                f.closed_at = f.file.as_ref().and_then(super::discovery::current_path);
                 f.file = None;
                 debug!(path = %f.path.display(), "closed idle file (open-file limit)");
             }

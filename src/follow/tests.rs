@@ -634,3 +634,30 @@ fn a_drained_file_renamed_back_into_the_globs_resumes_where_it_was() {
     drain(&mut f, &mut out);
     assert_eq!(texts(&out), ["1", "2", "3"]);
 }
+
+#[test]
+fn a_symlinked_file_closed_for_the_open_file_limit_is_drained_when_the_link_moves_on() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    append(&data.join("one"), "o1\n");
+    std::os::unix::fs::symlink(data.join("one"), d.path().join("cur.log")).unwrap();
+    let mut o = opts(false);
+    o.max_open_files = 1;
+    let mut f = Follower::new(o, spec(d.path()), vec![], Box::new(NoMarks));
+    let mut out = vec![];
+    drain(&mut f, &mut out);
+    // A busier file makes the symlinked one the idlest: it is the one closed.
+    append(&d.path().join("b.log"), "b1\n");
+    drain(&mut f, &mut out);
+    append(&d.path().join("b.log"), "b2\n");
+    drain(&mut f, &mut out);
+    // Written once more, then the link is re-pointed before the agent looks again.
+    append(&data.join("one"), "o2\n");
+    append(&data.join("two"), "t1\n");
+    let tmp = d.path().join("cur.tmp");
+    std::os::unix::fs::symlink(data.join("two"), &tmp).unwrap();
+    std::fs::rename(&tmp, d.path().join("cur.log")).unwrap();
+    drain(&mut f, &mut out);
+    assert_eq!(texts(&out), ["b1", "b2", "o1", "o2", "t1"]);
+}
