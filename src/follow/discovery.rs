@@ -110,7 +110,11 @@ impl Follower {
                         if f.path == path {
                             f.state = State::Live;
                         }
-                        if f.file.is_none() && meta.len() != f.pos {
+                        // Closed for the open-file limit: reopened when it grew, shrank, or was
+                        // written at all (truncated and rewritten to the same size only shows
+                        // in the modification time; the model test found it).
+                        let touched = f.closed_mtime != Some((meta.mtime(), meta.mtime_nsec()));
+                        if f.file.is_none() && (meta.len() != f.pos || touched) {
                             self.reopen(si, key, &path);
                         }
                         continue;

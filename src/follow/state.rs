@@ -202,6 +202,8 @@ pub(super) struct Tracked {
     /// Closed for the open-file limit: where the kernel said the file was (the target, when
     /// `path` is a symlink), to find it again if it is rotated away while closed.
     pub(super) closed_at: Option<PathBuf>,
+    /// Closed for the open-file limit: its modification time then.
+    pub(super) closed_mtime: Option<(i64, i64)>,
     pub(super) generation: u32,
     /// Next byte to read.
     pub(super) pos: u64,
@@ -474,6 +476,7 @@ impl Follower {
                 btime,
                 last_size: start.offset,
                 closed_at: None,
+                closed_mtime: None,
                 generation: start.generation,
                 pos: start.offset,
                 carry: Vec::new(),
@@ -544,6 +547,10 @@ impl Follower {
                     .as_ref()
                     .and_then(|h| h.metadata().ok())
                     .is_some_and(|m| m.len() == f.pos && m.nlink() > 0)
+                    // Not rewritten in place under us (to be noticed while it is open).
+                    && f.file.as_ref().is_some_and(|h| {
+                        f.fingerprint.is_none_or(|fp| fingerprint_matches(h, fp))
+                    })
             })
             .map(|(k, f)| (f.last_data, *k))
             .collect();
@@ -560,6 +567,11 @@ impl Follower {
         for (_, k) in candidates.into_iter().take(excess) {
             if let Some(f) = self.files.get_mut(&k) {
                 f.closed_at = f.file.as_ref().and_then(super::discovery::current_path);
+                f.closed_mtime = f
+                    .file
+                    .as_ref()
+                    .and_then(|h| h.metadata().ok())
+                    .map(|m| (m.mtime(), m.mtime_nsec()));
                 f.file = None;
                 debug!(path = %f.path.display(), "closed idle file (open-file limit)");
             }
