@@ -53,6 +53,13 @@ impl Follower {
                 }
             };
             if size < f.pos || f.rewritten {
+                // What is whole goes out first, which needs a credit: wait for one without
+                // blocking (the truncation is seen again at the next poll).
+                let to_emit = f.done > f.carry_start || f.pending.is_some();
+                if to_emit && !self.opts.once && !sink.has_credit() {
+                    f.next_poll = now + STARVED_POLL;
+                    return true;
+                }
                 f.rewritten = false;
                 if !self.truncated(f, sink, report) {
                     return true;

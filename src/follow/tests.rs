@@ -661,3 +661,76 @@ fn a_symlinked_file_closed_for_the_open_file_limit_is_drained_when_the_link_move
     drain(&mut f, &mut out);
     assert_eq!(texts(&out), ["b1", "b2", "o1", "o2", "t1"]);
 }
+
+/// A sink with a fixed number of credits that fails the test on a send that would block.
+struct Credits {
+    left: usize,
+    out: Vec<String>,
+}
+
+impl Sink for Credits {
+    fn send(&mut self, b: Batch) -> bool {
+        assert!(
+            self.left > 0,
+            "send without a credit: the follower would block"
+        );
+        self.left -= 1;
+        for s in &b.spans {
+            self.out
+                .push(String::from_utf8_lossy(b.record(s)).into_owned());
+        }
+        true
+    }
+    fn has_credit(&mut self) -> bool {
+        self.left > 0
+    }
+}
+
+#[test]
+fn without_credits_the_follower_never_blocks_and_still_opens_new_files() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.log");
+    append(&p, "A1\n  a\n");
+    let mut s = spec(d.path());
+    s[0].multiline = Some(Multiline {
+        start: Some(regex::bytes::Regex::new(r"^\S").unwrap()),
+        continuation: None,
+        max_lines: 100,
+        max_bytes: 1 << 20,
+        timeout: Duration::from_secs(3600),
+    });
+    let mut f = Follower::new(opts(false), s, vec![], Box::new(NoMarks));
+    let mut sink = Credits {
+        left: 1,
+        out: vec![],
+    };
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(1));
+        f.tick(Instant::now(), &mut sink);
+    }
+    // The record is pending (multiline, waiting for its next line); no credits are left.
+    sink.left = 0;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&d.path().join("b.log"), "b1\n");
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(1));
+        f.tick(Instant::now(), &mut sink);
+    }
+    assert_eq!(f.file_count(), 2, "b.log opened while waiting for credits");
+    sink.left = 10;
+    // Each record is released by the start of the next one.
+    append(&p, "A2\nA3\n");
+    append(&d.path().join("b.log"), "b2\n");
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(1));
+        f.tick(Instant::now(), &mut sink);
+    }
+    let mut got = sink.out.clone();
+    got.sort();
+    assert_eq!(got, ["A1\n  a", "A2", "b1"]);
+}
