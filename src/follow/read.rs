@@ -102,9 +102,15 @@ impl Follower {
                     if report.stopped {
                         return true;
                     }
-                    if f.buffered_done() >= self.opts.max_batch_bytes && !self.emit(f, sink, report)
-                    {
-                        return true;
+                    if f.buffered_done() >= self.opts.max_batch_bytes {
+                        // (An over-long line finished in this chunk may have used the credit.)
+                        if !self.opts.once && !sink.has_credit() {
+                            f.next_poll = now + STARVED_POLL;
+                            return true;
+                        }
+                        if !self.emit(f, sink, report) {
+                            return true;
+                        }
                     }
                     if read_now >= budget {
                         break;
