@@ -323,7 +323,7 @@ impl Follower {
         si: usize,
         key: FileKey,
         path: &Path,
-        _size: u64,
+        size: u64,
         now: Instant,
         round: u64,
     ) {
@@ -341,7 +341,25 @@ impl Follower {
         };
         let Ok(meta) = file.metadata() else { return };
         if meta.dev() != key.dev || meta.ino() != key.ino {
-            // Replaced between stat and open; the next discovery sees the new one.
+            // Replaced between stat and open; the next discovery sees the new one. The file
+            // we saw was renamed away in that instant (rotated before we ever opened it):
+            // look for it by inode next to its path, or its lines would never be read.
+            use std::os::unix::fs::DirEntryExt;
+            let moved = path
+                .parent()
+                .and_then(|d| std::fs::read_dir(d).ok())
+                .and_then(|rd| {
+                    rd.flatten()
+                        .find(|e| e.ino() == key.ino && e.path() != path)
+                        .map(|e| e.path())
+                });
+            if let Some(p2) = moved {
+                let same_dev = std::fs::metadata(&p2).is_ok_and(|m| m.dev() == key.dev);
+                if same_dev && !self.files.contains_key(&(si, key)) {
+                    // Not matched by the globs there, it turns Gone at the next discovery.
+                    self.open_new(si, key, &p2, size, now, round);
+                }
+            }
             return;
         }
         self.warned_missing.remove(path.to_string_lossy().as_ref());
