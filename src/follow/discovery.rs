@@ -119,7 +119,7 @@ impl Follower {
                         }
                         continue;
                     }
-                    self.open_new(si, key, &path, meta.len(), now, round);
+                    self.open_new(si, key, &path, now, round);
                 }
                 if !matched && self.warned_missing.insert(pat.clone()) && !self.startup {
                     debug!(pattern = %pat, "no file matches yet");

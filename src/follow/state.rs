@@ -323,7 +323,6 @@ impl Follower {
         si: usize,
         key: FileKey,
         path: &Path,
-        size: u64,
         now: Instant,
         round: u64,
     ) {
@@ -357,7 +356,7 @@ impl Follower {
                 let same_dev = std::fs::metadata(&p2).is_ok_and(|m| m.dev() == key.dev);
                 if same_dev && !self.files.contains_key(&(si, key)) {
                     // Not matched by the globs there, it turns Gone at the next discovery.
-                    self.open_new(si, key, &p2, size, now, round);
+                    self.open_new(si, key, &p2, now, round);
                 }
             }
             return;
