@@ -255,7 +255,7 @@ impl Writer {
             host: self.host.clone(),
             source: source.to_string(),
             path: file.path.clone(),
-            file_id: file_id(file.key, file.fingerprint),
+            file_id: file_id(file.key, file.btime, file.fingerprint),
             generation: file.generation,
             offset: rec.offset,
             length: rec.length,
@@ -512,6 +512,7 @@ mod tests {
             0,
             FileKey { dev: 1, ino: 2 },
             Fingerprint { len: 0, hash: 3 },
+            None,
             0,
             "/log".into(),
         );
@@ -584,6 +585,7 @@ mod tests {
             0,
             FileKey { dev: 1, ino: 2 },
             Fingerprint { len: 0, hash: 3 },
+            None,
             0,
             "/log".into(),
         );
@@ -663,6 +665,7 @@ mod tests {
             0,
             FileKey { dev: 1, ino: 2 },
             Fingerprint { len: 0, hash: 3 },
+            None,
             0,
             "/log".into(),
         );

@@ -365,7 +365,7 @@ impl follow::Marks for RedisMarks {
             Err(e) => {
                 self.conn = None;
                 if self.down_until.is_none() {
-                    warn!(error = %e, "Redis unavailable: cannot read high-water marks; new files are opened once it is back (nothing is lost)");
+                    warn!(error = %e, "Redis unavailable: cannot read high-water marks; files are opened from their checkpoints and the publisher checks the marks when it is back (nothing is lost)");
                 }
                 self.down_until = Some(Instant::now() + Duration::from_secs(1));
                 Err(())
@@ -382,13 +382,17 @@ pub struct ChannelSink {
     pub issued: Sender<Issued>,
     pub shutdown: Receiver<()>,
     pub recycled: Receiver<Vec<u8>>,
+    /// A credit taken by `has_credit`, for the next `send`.
+    pub held: bool,
 }
 
 impl Sink for ChannelSink {
     fn send(&mut self, batch: Batch) -> bool {
-        crossbeam_channel::select! {
-            send(self.credits, ()) -> r => if r.is_err() { return false },
-            recv(self.shutdown) -> _ => return false,
+        if !std::mem::take(&mut self.held) {
+            crossbeam_channel::select! {
+                send(self.credits, ()) -> r => if r.is_err() { return false },
+                recv(self.shutdown) -> _ => return false,
+            }
         }
         if self
             .issued
@@ -401,6 +405,13 @@ impl Sink for ChannelSink {
             return false;
         }
         self.batches.send(batch).is_ok()
+    }
+
+    fn has_credit(&mut self) -> bool {
+        if !self.held {
+            self.held = self.credits.try_send(()).is_ok();
+        }
+        self.held
     }
 
     fn buffer(&mut self) -> Vec<u8> {
@@ -577,6 +588,7 @@ pub fn committer<S: Checkpoints + ?Sized>(
                     source: names[f.source].clone(),
                     key: f.key,
                     fingerprint: f.fingerprint,
+                    btime: f.btime,
                     generation: f.generation,
                     offset: *end,
                     path: f.path.clone(),
@@ -650,7 +662,7 @@ pub fn committer<S: Checkpoints + ?Sized>(
 /// The field of a checkpoint's file in its stream's marks hash: the one function both the
 /// publisher's `FileInfo::mark_field` and the pruning of marks take it from.
 pub fn mark_field(cp: &Checkpoint) -> String {
-    crate::record::file_id(cp.key, cp.fingerprint)
+    crate::record::file_id(cp.key, cp.btime, cp.fingerprint)
 }
 
 /// Removes the Redis-side marks of pruned checkpoints (`HDEL {stream}:redtail:marks field…`),
@@ -1057,6 +1069,7 @@ pub fn run(
                 issued: issued_tx,
                 shutdown: follow_stop_rx.clone(),
                 recycled: recycle_rx,
+                held: false,
             };
             let pb = progress;
             let mut sized = false;
@@ -1154,6 +1167,7 @@ mod tests {
             source: "s".into(),
             key,
             fingerprint: Fingerprint { len: 2, hash: 1 },
+            btime: None,
             generation: 0,
             offset: 2,
             path: path.into(),
@@ -1191,6 +1205,7 @@ mod tests {
             0,
             FileKey { dev: 7, ino },
             Fingerprint { len: 4, hash: 42 },
+            None,
             generation,
             format!("/nonexistent/{ino}.log"),
         )
@@ -1448,6 +1463,7 @@ mod tests {
         let looped = logs.join("loop");
         std::os::unix::fs::symlink(&looped, &looped).unwrap();
         let cp = |path: &Path, key: FileKey| Checkpoint {
+            btime: None,
             source: "s".into(),
             key,
             fingerprint: Fingerprint { len: 2, hash: 1 },

@@ -12,10 +12,12 @@ pub struct FileInfo {
     pub source: usize,
     pub key: FileKey,
     pub fingerprint: Fingerprint,
+    /// Birth time (statx btime, ns since the epoch) where the filesystem records one.
+    pub btime: Option<u64>,
     /// Bumped on every in-place truncation, so offsets stay monotone per (file, generation).
     pub generation: u32,
     pub path: String,
-    /// Field of the Redis marks hash holding this file's high-water mark.
+    /// Field of the Redis marks hash holding this file's high-water mark ([`file_id`]).
     pub mark_field: String,
     /// Prefix of `log.record.uid`: the offset is appended.
     pub uid_prefix: String,
@@ -26,14 +28,16 @@ impl FileInfo {
         source: usize,
         key: FileKey,
         fingerprint: Fingerprint,
+        btime: Option<u64>,
         generation: u32,
         path: String,
     ) -> Arc<FileInfo> {
-        let id = file_id(key, fingerprint);
+        let id = file_id(key, btime, fingerprint);
         Arc::new(FileInfo {
             source,
             key,
             fingerprint,
+            btime,
             generation,
             path,
             uid_prefix: format!("{id}-{generation}-"),
@@ -42,9 +46,16 @@ impl FileInfo {
     }
 }
 
-/// Stable textual identity of a file: device, inode and fingerprint, in hex.
-pub fn file_id(key: FileKey, fp: Fingerprint) -> String {
-    format!("{:x}-{:x}-{:016x}", key.dev, key.ino, fp.hash)
+/// Stable textual identity of a file, in hex: `<dev>-<inode>-<fingerprint>-<btime>`, the
+/// birth time in nanoseconds since the epoch (an inode reused by a file with the same first
+/// line is another file). Without a birth time (the filesystem records none) it is
+/// `<dev>-<inode>-<fingerprint>`, which is also every field written before redtail used
+/// birth times (see the migration note in README.md).
+pub fn file_id(key: FileKey, btime: Option<u64>, fp: Fingerprint) -> String {
+    match btime {
+        Some(b) => format!("{:x}-{:x}-{:016x}-{:x}", key.dev, key.ino, fp.hash, b),
+        None => format!("{:x}-{:x}-{:016x}", key.dev, key.ino, fp.hash),
+    }
 }
 
 /// How a record was delimited.

@@ -13,6 +13,7 @@ const KEYS: &[&str] = &[
     "dev",
     "inode",
     "fingerprint",
+    "btime",
     "file_id",
     "generation",
     "offset",

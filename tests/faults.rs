@@ -521,3 +521,76 @@ fn redis_down_at_startup_delays_files_but_keeps_start_at_end_boundary() {
     assert_eq!(agent.stop().code(), Some(0));
     assert_eq!(redis.xrange_messages(&stream), ["new-1", "new-2"]);
 }
+
+#[test]
+fn files_created_during_an_outage_then_rotated_or_deleted_are_published_once() {
+    // A file first seen while Redis is down must be opened anyway: the follower soon
+    // blocks on credits, and by the time Redis is back the file is renamed out of the
+    // globs (or deleted). Only the descriptor taken during the outage can still reach it.
+    let mut redis = RedisServer::start_with_aof();
+    let logs = LogDir::new();
+    let app = SourceCfg::new("app", &[&logs.path("*.log")]);
+    let stream = app.stream();
+    // 512 KiB / 32 → 16 KiB batches; at most max(8, 2 × workers + 4) in flight.
+    let workers = 2;
+    let window_bytes = (2 * workers + 4).max(8) * (16 << 10);
+    let mut agent = Agent::new(&redis.url())
+        .source(app)
+        .agent_kv("workers", &workers.to_string())
+        .redis_kv("batch_max_bytes", "\"512KiB\"")
+        .redis_kv("retry_max_backoff", "\"200ms\"");
+    logs.append("first.log", &["first"]);
+    agent.run();
+    wait_until("first line", || redis.xlen(&stream) == 1);
+    redis.kill();
+    logs.append("first.log", &["during"]);
+    wait_until("the outage noticed", || {
+        agent.stderr().contains("Redis unavailable")
+    });
+    let mut rng = Rng(7);
+    let mut w = Writer::new("n");
+    let mut d = Writer::new("d");
+    // More than the whole in-flight window, so the follower is provably blocked on credits
+    // with bytes still unread when the files go away.
+    while w.written.iter().map(|l| l.len() + 1).sum::<usize>() < 4 * window_bytes {
+        w.write(&logs, "new.log", 500, &mut rng);
+    }
+    let opened = |agent: &Agent, f: &str| {
+        agent
+            .stderr()
+            .lines()
+            .any(|l| l.contains("following file") && l.contains(f))
+    };
+    wait_until("new.log opened during the outage", || {
+        opened(&agent, "new.log")
+    });
+    // By now the follower has filled the window from new.log and waits for credits; a file
+    // created now must still be found and opened.
+    std::thread::sleep(Duration::from_millis(500));
+    d.write(&logs, "doomed.log", 50, &mut rng);
+    wait_until("doomed.log opened while waiting for credits", || {
+        opened(&agent, "doomed.log")
+    });
+    logs.rename("new.log", "new.old"); // out of the glob
+    w.write(&logs, "new.old", 10, &mut rng); // late write to the rotated file
+    logs.remove("doomed.log");
+    redis.restart();
+    let want = 2 + w.written.len() + d.written.len();
+    wait_until("everything published", || redis.xlen(&stream) >= want);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.stderr());
+    let mut written = vec!["first".to_string(), "during".to_string()];
+    written.extend(w.written.iter().cloned());
+    written.extend(d.written.iter().cloned());
+    let got = redis.xrange_messages(&stream);
+    let mut seen = HashSet::new();
+    assert!(got.iter().all(|m| seen.insert(m.clone())), "duplicates");
+    assert_eq!(got.len(), written.len());
+    for l in &written {
+        assert!(seen.contains(l), "missing {l}");
+    }
+    let mine: Vec<&String> = got.iter().filter(|m| m.starts_with("n-")).collect();
+    let mut sorted = mine.clone();
+    sorted.sort();
+    assert_eq!(mine, sorted, "new.log out of order");
+}

@@ -554,3 +554,56 @@ fn multiline_records_are_joined() {
         ]
     );
 }
+
+#[test]
+fn inode_reused_by_a_file_with_the_same_header_while_stopped() {
+    // A W3C / CSV style header is the whole first line: the fingerprint cannot tell the
+    // files apart, the birth time can. Retried when another process took the inode first.
+    for _ in 0..5 {
+        if inode_reuse_scenario() {
+            return;
+        }
+    }
+    panic!("the inode was never reused in 5 attempts: the test proves nothing");
+}
+
+fn inode_reuse_scenario() -> bool {
+    let redis = RedisServer::start();
+    let logs = LogDir::new();
+    logs.append("app.log", &["#Version: 1.0", "old-1", "old-2"]);
+    let (mut agent, stream) = agent_for(&redis, &logs, "app.log");
+    agent.run();
+    wait_messages(&redis, &stream, 3);
+    assert!(agent.stop().success());
+    let p = logs.path("app.log");
+    let before = std::fs::metadata(&p).unwrap();
+    let new = b"#Version: 1.0\nnew-1\nnew-2\nnew-3 is longer than old\n";
+    if !recreate_reusing_inode(&p, new) {
+        return false;
+    }
+    let after = std::fs::metadata(&p).unwrap();
+    let (b0, b1) = (
+        before
+            .created()
+            .expect("this filesystem records birth times"),
+        after.created().unwrap(),
+    );
+    assert_ne!(b0, b1, "birth times differ");
+    agent.run();
+    wait_messages(&redis, &stream, 7);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(agent.stop().success());
+    assert_eq!(
+        redis.xrange_messages(&stream),
+        [
+            "#Version: 1.0",
+            "old-1",
+            "old-2",
+            "#Version: 1.0",
+            "new-1",
+            "new-2",
+            "new-3 is longer than old"
+        ]
+    );
+    true
+}

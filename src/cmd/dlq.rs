@@ -187,12 +187,17 @@ enum Outcome {
     Unknown(String),
 }
 
-fn parse_file_id(id: &str) -> Option<(FileKey, u64)> {
+/// `<dev>-<inode>-<fingerprint>[-<btime>]` (see `record::file_id`).
+fn parse_file_id(id: &str) -> Option<(FileKey, u64, Option<u64>)> {
     let mut it = id.split('-');
     let dev = u64::from_str_radix(it.next()?, 16).ok()?;
     let ino = u64::from_str_radix(it.next()?, 16).ok()?;
     let fp = u64::from_str_radix(it.next()?, 16).ok()?;
-    Some((FileKey { dev, ino }, fp))
+    let btime = match it.next() {
+        Some(b) => Some(u64::from_str_radix(b, 16).ok()?),
+        None => None,
+    };
+    Some((FileKey { dev, ino }, fp, btime))
 }
 
 /// `redtail dlq replay`.
@@ -225,7 +230,7 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
                 continue;
             }
         };
-        let Some((key, fp)) = parse_file_id(&e.file_id) else {
+        let Some((key, fp, btime)) = parse_file_id(&e.file_id) else {
             keep.push(e);
             continue;
         };
@@ -253,6 +258,7 @@ pub fn dlq_replay(path: &Path, source: Option<&str>) -> anyhow::Result<ExitCode>
             si,
             key,
             Fingerprint { len: 0, hash: fp },
+            btime,
             e.generation,
             e.path.clone(),
         );

@@ -81,7 +81,9 @@ pub fn checkpoints(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
 fn row(c: &Checkpoint) -> serde_json::Value {
     let meta = std::fs::metadata(&c.path)
         .ok()
-        .filter(|m| m.dev() == c.key.dev && m.ino() == c.key.ino);
+        .filter(|m| m.dev() == c.key.dev && m.ino() == c.key.ino)
+        // The inode reused by another file is not this checkpoint's file.
+        .filter(|m| c.btime.is_none() || crate::follow::btime_of(m) == c.btime);
     serde_json::json!({
         "source": c.source,
         "path": c.path,
@@ -89,7 +91,8 @@ fn row(c: &Checkpoint) -> serde_json::Value {
         "inode": c.key.ino,
         "fingerprint": format!("{:016x}", c.fingerprint.hash),
         "fingerprint_len": c.fingerprint.len,
-        "file_id": file_id(c.key, c.fingerprint),
+        "btime": c.btime,
+        "file_id": file_id(c.key, c.btime, c.fingerprint),
         "generation": c.generation,
         "offset": c.offset,
         "size": meta.as_ref().map(|m| m.len()),

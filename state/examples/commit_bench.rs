@@ -78,6 +78,7 @@ fn main() {
                     len: 1024,
                     hash: 0x9e37_79b9_7f4a_7c15 ^ f,
                 },
+                btime: None,
                 generation: 0,
                 offset: offsets[f as usize],
                 path: format!("/var/log/app/service-{f:04}/access.log"),

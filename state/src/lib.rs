@@ -43,6 +43,7 @@
 //!     source: "nginx".into(),
 //!     key,
 //!     fingerprint: Fingerprint { len: 256, hash: 0x9e37_79b9_7f4a_7c15 },
+//!     btime: Some(1_699_999_000_123_456_789),
 //!     generation: 0,
 //!     offset: 4096,
 //!     path: "/var/log/nginx/access.log".into(),
@@ -115,6 +116,11 @@ pub struct Checkpoint {
     pub key: FileKey,
     /// Fingerprint of the file's head.
     pub fingerprint: Fingerprint,
+    /// Birth time of the file (statx `btime`), nanoseconds since the Unix epoch; `None` on
+    /// filesystems that do not record one, and in records written before redtail stored it
+    /// (absent from the JSON: such records stay readable, version 1 unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub btime: Option<u64>,
     /// Bumped each time the file was truncated in place.
     pub generation: u32,
     /// Byte offset up to which every record is in Redis or the dead-letter file.

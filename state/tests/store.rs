@@ -177,6 +177,24 @@ fn documented_value_layout_is_version_byte_then_json() {
 }
 
 #[test]
+fn records_written_before_btime_are_read_with_none_and_btime_round_trips() {
+    let dir = TempDir::new("btime");
+    drop(CheckpointStore::open(dir.path()).unwrap());
+    // A version-1 record as redtail wrote it before it stored birth times.
+    let old = br#"{"source":"s","key":{"dev":2049,"ino":7},"fingerprint":{"len":64,"hash":9},"generation":2,"offset":42,"path":"/p","updated_ms":5}"#;
+    let mut v = vec![1u8];
+    v.extend_from_slice(old);
+    write_raw(dir.path(), "s", 2049, 7, &v);
+    let store = CheckpointStore::open(dir.path()).unwrap();
+    let got = store.get("s", key(7)).unwrap().unwrap();
+    assert_eq!((got.btime, got.offset, got.generation), (None, 42, 2));
+    let mut with = got.clone();
+    with.btime = Some(1_700_000_000_123_456_789);
+    store.commit(std::slice::from_ref(&with)).unwrap();
+    assert_eq!(store.get("s", key(7)).unwrap(), Some(with));
+}
+
+#[test]
 fn unknown_value_version_is_an_error_not_a_guess() {
     let dir = TempDir::new("version");
     drop(CheckpointStore::open(dir.path()).unwrap());

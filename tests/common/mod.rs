@@ -735,3 +735,48 @@ pub fn numbered(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
+
+/// Deletes `path` and puts a new file with `content` there that has the deleted file's inode
+/// number (ext4 and tmpfs hand a just-freed inode out again). Creates up to 64 candidates in
+/// the same directory and keeps the one that got the inode. False when none did (another
+/// process on the filesystem took it first): then `path` holds `content` under another
+/// inode, and the caller must retry its scenario or fail, never pass without the reuse.
+/// Sleeps a little first so the birth times differ (timestamps have a coarse clock tick).
+pub fn recreate_reusing_inode(path: &Path, content: &[u8]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let old = fs::metadata(path).unwrap().ino();
+    fs::remove_file(path).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let dir = path.parent().unwrap();
+    let mut made = Vec::new();
+    let mut hit = None;
+    for i in 0..64 {
+        let c = dir.join(format!(".reuse-{i}"));
+        fs::write(&c, b"").unwrap();
+        if fs::metadata(&c).unwrap().ino() == old {
+            hit = Some(c);
+            break;
+        }
+        made.push(c);
+    }
+    let got: Vec<u64> = made
+        .iter()
+        .filter_map(|c| fs::metadata(c).ok())
+        .map(|m| m.ino())
+        .collect();
+    for c in &made {
+        fs::remove_file(c).unwrap();
+    }
+    let Some(c) = hit else {
+        eprintln!(
+            "inode {old} was not reused after {} creations: {got:?}",
+            got.len()
+        );
+        fs::write(path, content).unwrap();
+        return false;
+    };
+    fs::write(&c, content).unwrap();
+    fs::rename(&c, path).unwrap();
+    assert_eq!(fs::metadata(path).unwrap().ino(), old, "inode reused");
+    true
+}

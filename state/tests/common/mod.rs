@@ -49,6 +49,7 @@ pub fn cp(source: &str, ino: u64, offset: u64, path: &str, updated_ms: u64) -> C
             len: 64,
             hash: ino.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         },
+        btime: None,
         generation: 0,
         offset,
         path: path.to_string(),
