@@ -144,7 +144,16 @@ fn corrupt_then_recover(file: &str) {
     // Opening again still refuses: nothing was silently reset.
     assert!(CheckpointStore::open(dir.path()).is_err());
 
-    let (store, aside, seeded) = recover(dir.path(), true).unwrap();
+    // The refused opens above release sled's lock from a background thread: poll for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (store, aside, seeded) = loop {
+        match recover(dir.path(), true) {
+            Err(StateError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            r => break r.unwrap(),
+        }
+    };
     assert_eq!(seeded, 2);
     assert_eq!(store.all().unwrap(), cps);
     let name = aside.file_name().unwrap().to_str().unwrap();
