@@ -8,40 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn lines(prefix: &str, n: usize) -> Vec<String> {
-    // ~100 bytes a line, numbered, so order and duplicates show.
-    (0..n)
-        .map(|i| format!("{prefix} {i:07} {}", "x".repeat(80)))
-        .collect()
-}
-
-fn append_lines(logs: &LogDir, name: &str, ls: &[String]) {
-    let refs: Vec<&str> = ls.iter().map(|s| s.as_str()).collect();
-    for chunk in refs.chunks(10_000) {
-        logs.append(name, chunk);
-    }
-}
-
-fn used_memory(redis: &RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query(&mut redis.conn())
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("used_memory in INFO")
-}
-
-fn config_set(redis: &RedisServer, k: &str, v: &str) {
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg(k)
-        .arg(v)
-        .query(&mut redis.conn())
-        .unwrap();
-}
-
 fn mark_of(redis: &RedisServer, stream: &str, path: &std::path::Path) -> Vec<String> {
     let _ = path;
     let marks: Vec<(String, String)> = redis::cmd("HGETALL")
@@ -60,14 +26,10 @@ fn oom_refused_transactions_are_never_overtaken() {
     let logs = LogDir::new();
     let src = SourceCfg::new("app", &[&logs.path("app.log")]);
     let stream = src.stream();
-    let want = lines("l", 60_000);
-    append_lines(&logs, "app.log", &want);
-    config_set(&redis, "maxmemory-policy", "noeviction");
-    config_set(
-        &redis,
-        "maxmemory",
-        &(used_memory(&redis) + 2_000_000).to_string(),
-    );
+    let want = numbered_lines("l", 60_000);
+    logs.append_all("app.log", &want);
+    redis.config_set("maxmemory-policy", "noeviction");
+    redis.config_set("maxmemory", &(redis.used_memory() + 2_000_000).to_string());
     let mut agent = Agent::new(&redis.url()).source(src);
     agent.run();
     wait_until("Redis refuses for memory", || {
@@ -81,7 +43,7 @@ fn oom_refused_transactions_are_never_overtaken() {
         want[..part.len()],
         "stream is not a prefix of the file"
     );
-    config_set(&redis, "maxmemory", "0");
+    redis.config_set("maxmemory", "0");
     wait_until_for(Duration::from_secs(60), "every line published", || {
         redis.xlen(&stream) >= want.len()
     });
@@ -104,14 +66,10 @@ fn oom_refusal_then_kill9_then_backfill_loses_nothing() {
     let logs = LogDir::new();
     let src = SourceCfg::new("app", &[&logs.path("app.log")]);
     let stream = src.stream();
-    let want = lines("k", 60_000);
-    append_lines(&logs, "app.log", &want);
-    config_set(&redis, "maxmemory-policy", "noeviction");
-    config_set(
-        &redis,
-        "maxmemory",
-        &(used_memory(&redis) + 2_000_000).to_string(),
-    );
+    let want = numbered_lines("k", 60_000);
+    logs.append_all("app.log", &want);
+    redis.config_set("maxmemory-policy", "noeviction");
+    redis.config_set("maxmemory", &(redis.used_memory() + 2_000_000).to_string());
     let mut agent = Agent::new(&redis.url()).source(src);
     agent.run();
     wait_until("Redis refuses for memory", || {
@@ -120,7 +78,7 @@ fn oom_refusal_then_kill9_then_backfill_loses_nothing() {
     agent.kill9();
     let part = redis.xlen(&stream);
     assert!(part < want.len(), "the memory limit did not bite");
-    config_set(&redis, "maxmemory", "0");
+    redis.config_set("maxmemory", "0");
     let out = agent.backfill(&[]);
     assert!(out.status.success(), "{}", show(&out));
     let got = redis.xrange_messages(&stream);

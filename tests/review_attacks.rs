@@ -26,19 +26,6 @@ fn guard_script() -> String {
     src[start..end].to_string()
 }
 
-fn lines(prefix: &str, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| format!("{prefix} {i:07} {}", "x".repeat(80)))
-        .collect()
-}
-
-fn append_lines(logs: &LogDir, name: &str, ls: &[String]) {
-    let refs: Vec<&str> = ls.iter().map(|s| s.as_str()).collect();
-    for chunk in refs.chunks(5_000) {
-        logs.append(name, chunk);
-    }
-}
-
 /// The agent's own marks hash (`host_name = "testhost"` in the test agents).
 fn marks_key(stream: &str) -> String {
     format!("{{{stream}}}:redtail:marks:testhost")
@@ -296,8 +283,8 @@ fn bug_marks_key_made_a_string_then_following_the_advice_duplicates() {
     let src = SourceCfg::new("app", &[&logs.path("app.log")]);
     let stream = src.stream();
     let mut agent = Agent::new(&redis.url()).source(src);
-    let first = lines("a", 50);
-    append_lines(&logs, "app.log", &first);
+    let first = numbered_lines("a", 50);
+    logs.append_all("app.log", &first);
     agent.run();
     wait_until("first lines", || redis.xlen(&stream) == 50);
     let len = std::fs::metadata(logs.path("app.log")).unwrap().len();
@@ -311,8 +298,8 @@ fn bug_marks_key_made_a_string_then_following_the_advice_duplicates() {
         .arg("oops")
         .query(&mut redis.conn())
         .unwrap();
-    let second = lines("b", 50);
-    append_lines(&logs, "app.log", &second);
+    let second = numbered_lines("b", 50);
+    logs.append_all("app.log", &second);
     wait_until("the agent stops", || !agent.is_running());
     let after_stop = redis.xlen(&stream);
     let stop_msg: String = agent
@@ -406,8 +393,8 @@ fn survived_sigstop_past_response_timeout_under_load() {
         .redis_kv("connect_timeout", "\"200ms\"")
         .redis_kv("retry_max_backoff", "\"100ms\"");
     agent.run();
-    let want = lines("s", 120_000);
-    let wantb = lines("b", 60_000);
+    let want = numbered_lines("s", 120_000);
+    let wantb = numbered_lines("b", 60_000);
     let w = want.clone();
     let wb = wantb.clone();
     let lp = logs.path("app.log");
@@ -458,13 +445,13 @@ fn survived_agent_kill9_at_random_points() {
     let src = SourceCfg::new("app", &[&logs.path("app.log"), &logs.path("b.log")]);
     let stream = src.stream();
     let mut agent = Agent::new(&redis.url()).source(src);
-    let want = lines("k", 60_000);
-    let wantb = lines("j", 30_000);
+    let want = numbered_lines("k", 60_000);
+    let wantb = numbered_lines("j", 30_000);
     let mut seed = 12345u64;
     let chunks: Vec<_> = want.chunks(6000).zip(wantb.chunks(3000)).collect();
     for (a, b) in chunks {
-        append_lines(&logs, "app.log", a);
-        append_lines(&logs, "b.log", b);
+        logs.append_all("app.log", a);
+        logs.append_all("b.log", b);
         agent.run();
         seed = seed
             .wrapping_mul(6364136223846793005)
@@ -492,10 +479,10 @@ fn survived_wrongtype_mid_run() {
     let stream = src.stream();
     let mut agent = Agent::new(&redis.url()).source(src);
     agent.run();
-    let want = lines("w", 30_000);
+    let want = numbered_lines("w", 30_000);
     let mut published_before = Vec::new();
     for (i, c) in want.chunks(1000).enumerate() {
-        append_lines(&logs, "app.log", c);
+        logs.append_all("app.log", c);
         std::thread::sleep(Duration::from_millis(30));
         if i == 10 {
             published_before = redis.xrange_messages(&stream);
@@ -560,9 +547,9 @@ fn survived_flushall_mid_run_is_reported() {
     let stream = src.stream();
     let mut agent = Agent::new(&redis.url()).source(src);
     agent.run();
-    let want = lines("f", 40_000);
+    let want = numbered_lines("f", 40_000);
     for (i, c) in want.chunks(1000).enumerate() {
-        append_lines(&logs, "app.log", c);
+        logs.append_all("app.log", c);
         std::thread::sleep(Duration::from_millis(25));
         if i == 15 {
             let _: () = redis::cmd("FLUSHALL").query(&mut redis.conn()).unwrap();

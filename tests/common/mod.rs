@@ -292,6 +292,28 @@ impl RedisServer {
             .collect()
     }
 
+    /// `used_memory` from INFO memory.
+    pub fn used_memory(&self) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query(&mut self.conn())
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory in INFO")
+    }
+
+    /// CONFIG SET, panicking on failure.
+    pub fn config_set(&self, key: &str, value: &str) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(key)
+            .arg(value)
+            .query(&mut self.conn())
+            .unwrap_or_else(|e| panic!("CONFIG SET {key} {value}: {e}"));
+    }
+
     /// Calls of one command since start, from INFO commandstats (0 when never called).
     pub fn command_calls(&self, name: &str) -> u64 {
         let info: String = redis::cmd("INFO")
@@ -674,6 +696,14 @@ impl LogDir {
     }
 
     /// Appends text without a trailing newline.
+    /// Appends many lines, in chunks of 5,000 per write.
+    pub fn append_all(&self, name: &str, lines: &[String]) {
+        let refs: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+        for chunk in refs.chunks(5_000) {
+            self.append(name, chunk);
+        }
+    }
+
     pub fn append_partial(&self, name: &str, text: &str) {
         self.append_bytes(name, text.as_bytes());
     }
@@ -779,4 +809,11 @@ pub fn recreate_reusing_inode(path: &Path, content: &[u8]) -> bool {
     fs::rename(&c, path).unwrap();
     assert_eq!(fs::metadata(path).unwrap().ino(), old, "inode reused");
     true
+}
+
+/// `n` lines of about 100 bytes, numbered, so that order and duplicates show.
+pub fn numbered_lines(prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{prefix} {i:07} {}", "x".repeat(80)))
+        .collect()
 }
